@@ -1,0 +1,730 @@
+"""Decision Transformer (Chen et al., 2021) for offline RL on D4RL-format data, in one file.
+
+Read top to bottom: config -> data -> model -> evaluation -> logging -> training -> main.
+The algorithm follows the CORL baseline detail by detail (see README.md, "Algorithm"), with two
+improvements: a trailing trajectory piece without terminal/timeout flag is kept, and the loss is
+the true mean over real (unpadded) steps.
+
+    python algorithms/dt.py --config_path configs/dt/hopper/medium_v2.yaml [--field value ...]
+"""
+import difflib
+import json
+import math
+import netrc
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import pyrallis
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm, trange
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    # wandb project name
+    project: str = "CORL"
+    # wandb group name
+    group: str = "DT-D4RL"
+    # wandb run name (the run folder adds env name, seed and a unique suffix)
+    name: str = "DT"
+    # transformer hidden dim
+    embedding_dim: int = 128
+    # depth of the transformer model
+    num_layers: int = 3
+    # number of heads in the attention
+    num_heads: int = 1
+    # maximum sequence length during training (context length K)
+    seq_len: int = 20
+    # maximum rollout length, needed for the positional embeddings
+    episode_len: int = 1000
+    # attention dropout
+    attention_dropout: float = 0.1
+    # residual dropout
+    residual_dropout: float = 0.1
+    # embeddings dropout
+    embedding_dropout: float = 0.1
+    # maximum range for the symmetric actions, [-1, 1]
+    max_action: float = 1.0
+    # training dataset and evaluation environment, D4RL name such as hopper-medium-replay-v2
+    env_name: str = "halfcheetah-medium-v2"
+    # AdamW optimizer learning rate
+    learning_rate: float = 1e-4
+    # AdamW optimizer betas
+    betas: Tuple[float, float] = (0.9, 0.999)
+    # AdamW weight decay
+    weight_decay: float = 1e-4
+    # maximum gradient norm during training, optional (null disables clipping)
+    clip_grad: Optional[float] = 0.25
+    # training batch size
+    batch_size: int = 64
+    # total training steps
+    update_steps: int = 100_000
+    # warmup steps for the learning rate scheduler
+    warmup_steps: int = 10_000
+    # reward scaling, to reduce the magnitude
+    reward_scale: float = 0.001
+    # accepted for CORL config compatibility; unused, batches are sampled on device without DataLoader
+    num_workers: int = 4
+    # target return-to-go for the prompting during evaluation, e.g. [3600,1800]
+    target_returns: Tuple[float, ...] = (12000.0, 6000.0)
+    # number of episodes to run during evaluation (per target return)
+    eval_episodes: int = 100
+    # evaluation frequency, will evaluate every eval_every training steps and after the last one
+    eval_every: int = 10_000
+    # path for checkpoints saving, optional (a subfolder per run is created)
+    checkpoints_path: Optional[str] = None
+    # configure PyTorch to use deterministic algorithms instead of nondeterministic ones
+    deterministic_torch: bool = False
+    # training random seed
+    train_seed: int = 10
+    # evaluation random seed (episode i starts from reset seed eval_seed + i)
+    eval_seed: int = 42
+    # training device: auto (cuda when available), cpu, cuda, cuda:N
+    device: str = "auto"
+    # --- fields added by this project ---
+    # D4RL-layout HDF5 file to train on instead of the D4RL dataset named by env_name
+    dataset_path: Optional[str] = None
+    # folder of D4RL files (default: $D4RL_DATASET_DIR, else ~/.d4rl/datasets)
+    dataset_dir: Optional[str] = None
+    # gymnasium env id for evaluation (default: from env_name, else the HDF5 file's env_id attribute)
+    eval_env: Optional[str] = None
+    # return of a random policy for the normalized score (default: D4RL table or HDF5 attribute)
+    ref_min_score: Optional[float] = None
+    # return of an expert policy for the normalized score (default: D4RL table or HDF5 attribute)
+    ref_max_score: Optional[float] = None
+    # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
+    runs_dir: str = "runs"
+    # log train_loss (mean over the interval) and learning_rate every log_every steps
+    log_every: int = 100
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing data); main() prints it as one line."""
+
+
+def validate_config(config: TrainConfig) -> None:
+    positive = ("embedding_dim", "num_layers", "num_heads", "seq_len", "episode_len", "batch_size",
+                "update_steps", "eval_episodes", "eval_every", "log_every")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UserError(f"{name} must be a positive integer, got {getattr(config, name)}")
+    if config.embedding_dim % config.num_heads:
+        raise UserError(f"embedding_dim ({config.embedding_dim}) must be divisible by num_heads ({config.num_heads})")
+    for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.max_action <= 0 or config.reward_scale <= 0 or config.learning_rate <= 0:
+        raise UserError("max_action, reward_scale and learning_rate must be positive")
+    if not config.target_returns:
+        raise UserError("target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'")
+    if config.warmup_steps < 0:
+        raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was requested but CUDA is not available here; use --device auto or --device cpu")
+    return device
+
+
+def set_seed(seed: int, deterministic_torch: bool = False) -> None:
+    if deterministic_torch:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic_torch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: D4RL names and files
+# ----------------------------------------------------------------------------------------------
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
+D4RL_KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
+# gymnasium -v4 envs are the maintained equivalents of the gym -v3 envs the -v2 data was collected on
+D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
+# (random return, expert return) used by D4RL's normalized score
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+}
+D4RL_NAMES = [f"{env}-{kind}-v2" for env in D4RL_ENVS for kind in D4RL_KINDS]
+
+
+@dataclass
+class DatasetSource:
+    path: Path  # local HDF5 file
+    url: Optional[str]  # where to download it from when missing (None: the user's own file)
+    eval_env: Optional[str]  # gymnasium env id
+    ref_min_score: Optional[float]
+    ref_max_score: Optional[float]
+
+
+def d4rl_file_name(env_name: str) -> str:
+    """hopper-medium-replay-v2 -> hopper_medium_replay-v2.hdf5 (D4RL's own file naming)."""
+    env, rest = env_name.split("-", 1)
+    kind, version = rest.rsplit("-", 1)
+    return f"{env}_{kind.replace('-', '_')}-{version}.hdf5"
+
+
+def d4rl_dataset_dir(config: TrainConfig) -> Path:
+    default = os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets"
+    return Path(config.dataset_dir or default).expanduser()
+
+
+def resolve_dataset(config: TrainConfig) -> DatasetSource:
+    """Where the data lives, which env evaluates it, and which reference scores normalize it."""
+    env = config.env_name.split("-", 1)[0]
+    is_d4rl = config.env_name in D4RL_NAMES
+    if config.dataset_path is not None:
+        path, url = Path(config.dataset_path).expanduser(), None
+        if not path.is_file():
+            raise UserError(f"dataset_path '{path}' does not exist; point it to a D4RL-layout HDF5 file")
+        with h5py.File(path, "r") as f:  # the dataset tool stores env id and reference scores as attributes
+            attrs = dict(f.attrs)
+    elif is_d4rl:
+        name = d4rl_file_name(config.env_name)
+        path, url, attrs = d4rl_dataset_dir(config) / name, D4RL_URL.format(file=name), {}
+    else:
+        close = difflib.get_close_matches(config.env_name, D4RL_NAMES, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(D4RL_NAMES)}."
+        raise UserError(f"unknown D4RL dataset '{config.env_name}'.{hint} "
+                        "For your own HDF5 file set dataset_path and eval_env.")
+    eval_env = config.eval_env or _attr(attrs, "env_id") or (D4RL_ENVS[env] if is_d4rl else None)
+    if eval_env is None:
+        raise UserError(f"no evaluation env for '{path}': set eval_env to a gymnasium env id (e.g. Hopper-v4)")
+    d4rl_refs = D4RL_REF_SCORES[env] if is_d4rl and eval_env == D4RL_ENVS[env] else (None, None)
+    ref_min = _first(config.ref_min_score, _attr(attrs, "ref_min_score"), d4rl_refs[0])
+    ref_max = _first(config.ref_max_score, _attr(attrs, "ref_max_score"), d4rl_refs[1])
+    if (ref_min is None) != (ref_max is None) or (ref_min is not None and ref_max <= ref_min):
+        raise UserError(f"reference scores need both ref_min_score < ref_max_score, got {ref_min} and {ref_max}")
+    return DatasetSource(path, url, eval_env, ref_min, ref_max)
+
+
+def _attr(attrs: Dict[str, Any], key: str) -> Any:
+    value = attrs.get(key)
+    if isinstance(value, bytes):
+        value = value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def download(url: str, path: Path) -> None:
+    """Download to a temp file beside `path`, then rename: an interrupted download leaves nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as err:
+        raise UserError(f"dataset {path} is missing and downloading it from {url} failed ({err}); "
+                        f"download it by hand to {path}, or set dataset_path") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
+    """Read the five arrays DT needs from a D4RL-layout HDF5 file, with shape and value checks."""
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise UserError(f"{path} is missing HDF5 keys {missing}; a D4RL-layout file has {list(keys)}")
+            data = {k: f[k][()] for k in keys}
+    except OSError as err:
+        raise UserError(f"cannot read {path} as HDF5 ({err}); delete it to download again, or fix dataset_path") from None
+    n = len(data["rewards"])
+    if n == 0:
+        raise UserError(f"{path} holds no transitions")
+    bad = [f"{k} has {len(v)}" for k, v in data.items() if len(v) != n]
+    if bad:
+        raise UserError(f"{path}: arrays differ in length (rewards has {n}, {', '.join(bad)})")
+    for k in ("observations", "actions", "rewards"):
+        if not np.isfinite(data[k]).all():
+            raise UserError(f"{path}: '{k}' contains NaN or inf values")
+    return {
+        "observations": data["observations"].astype(np.float32).reshape(n, -1),
+        "actions": data["actions"].astype(np.float32).reshape(n, -1),
+        "rewards": data["rewards"].astype(np.float32).reshape(n),
+        "terminals": data["terminals"].astype(bool).reshape(n),
+        "timeouts": data["timeouts"].astype(bool).reshape(n),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: trajectories, returns-to-go, normalisation
+# ----------------------------------------------------------------------------------------------
+def cut_trajectories(terminals: np.ndarray, timeouts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Start index and length of every trajectory; a trajectory ends at each terminal or timeout."""
+    ends = np.flatnonzero(terminals | timeouts) + 1  # exclusive end of each flagged trajectory
+    n = len(terminals)
+    if len(ends) == 0 or ends[-1] != n:
+        ends = np.append(ends, n)  # keep a trailing piece with neither flag (the baseline drops it)
+    starts = np.concatenate([[0], ends[:-1]])
+    return starts.astype(np.int64), (ends - starts).astype(np.int64)
+
+
+def returns_to_go(rewards: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Undiscounted suffix sum of rewards within each trajectory (gamma = 1)."""
+    cumsum = np.concatenate([[0.0], np.cumsum(rewards, dtype=np.float64)])  # cumsum[i] = sum(rewards[:i])
+    traj_end = np.repeat(starts + lengths, lengths)  # exclusive end of the trajectory of each step
+    return (cumsum[traj_end] - cumsum[:-1]).astype(np.float32)
+
+
+@dataclass
+class OfflineData:
+    states: np.ndarray  # [N, S] normalized
+    actions: np.ndarray  # [N, A]
+    returns_to_go: np.ndarray  # [N] already multiplied by reward_scale
+    traj_starts: np.ndarray  # [num_traj]
+    traj_lengths: np.ndarray  # [num_traj]
+    traj_returns: np.ndarray  # [num_traj] undiscounted episode returns (unscaled)
+    state_mean: np.ndarray  # [S]
+    state_std: np.ndarray  # [S]
+
+
+def prepare_data(raw: Dict[str, np.ndarray], reward_scale: float) -> OfflineData:
+    starts, lengths = cut_trajectories(raw["terminals"], raw["timeouts"])
+    rtg = returns_to_go(raw["rewards"], starts, lengths)
+    observations = raw["observations"]
+    state_mean = observations.mean(0, dtype=np.float64).astype(np.float32)
+    state_std = (observations.std(0, dtype=np.float64) + 1e-6).astype(np.float32)  # population std, + 1e-6
+    return OfflineData(
+        states=(observations - state_mean) / state_std,
+        actions=raw["actions"],
+        returns_to_go=rtg * reward_scale,  # the model sees scaled returns, in training and evaluation
+        traj_starts=starts,
+        traj_lengths=lengths,
+        traj_returns=rtg[starts],
+        state_mean=state_mean,
+        state_std=state_std,
+    )
+
+
+class WindowSampler:
+    """Samples batches of K-step windows on the training device, the whole batch at once.
+
+    Choosing a trajectory with probability proportional to its length and then a start index
+    uniformly inside it is the same as choosing the start uniformly over all N transitions.
+    """
+
+    def __init__(self, data: OfflineData, seq_len: int, device: torch.device, seed: int):
+        self.seq_len = seq_len
+        lengths = torch.as_tensor(data.traj_lengths)
+        traj_of_step = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        starts = torch.as_tensor(data.traj_starts)
+        self.states = torch.as_tensor(data.states, device=device)
+        self.actions = torch.as_tensor(data.actions, device=device)
+        self.returns_to_go = torch.as_tensor(data.returns_to_go, device=device)
+        self.traj_end = (starts + lengths)[traj_of_step].to(device)  # exclusive end, per transition
+        self.step_in_traj = (torch.arange(len(traj_of_step)) - starts[traj_of_step]).to(device)
+        self.offsets = torch.arange(seq_len, device=device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
+        n = len(self.states)
+        start = torch.randint(0, n, (batch_size,), device=self.states.device, generator=self.generator)
+        index = start[:, None] + self.offsets  # [B, K] global transition indices
+        mask = index < self.traj_end[start][:, None]  # real steps; the rest is right padding
+        index = torch.where(mask, index, start[:, None])  # any valid row, zeroed below
+        states = self.states[index] * mask[..., None]  # padding is zero after normalisation
+        actions = self.actions[index] * mask[..., None]
+        returns = self.returns_to_go[index] * mask
+        timesteps = self.step_in_traj[start][:, None] + self.offsets  # keeps counting into the padding
+        return states, actions, returns, timesteps, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)
+        self.proj = nn.Linear(embedding_dim, embedding_dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, length, dim = x.shape
+        # [B, L, 3E] -> [3, B, heads, L, E/heads]
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,  # causal and key padding, or None for a causal unpadded prompt
+            is_causal=attn_mask is None,
+            dropout_p=self.attention_dropout if self.training else 0.0,  # dropout on attention weights
+        )
+        return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float, residual_dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embedding_dim)
+        self.attention = CausalSelfAttention(embedding_dim, num_heads, attention_dropout)
+        self.attention_drop = nn.Dropout(residual_dropout)
+        self.norm2 = nn.LayerNorm(embedding_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(embedding_dim, 4 * embedding_dim),
+            nn.GELU(),
+            nn.Linear(4 * embedding_dim, embedding_dim),
+            nn.Dropout(residual_dropout),
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.attention_drop(self.attention(self.norm1(x), attn_mask))  # pre-norm GPT block
+        return x + self.mlp(self.norm2(x))
+
+
+class DecisionTransformer(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int, seq_len: int = 20, episode_len: int = 1000,
+                 embedding_dim: int = 128, num_layers: int = 3, num_heads: int = 1,
+                 attention_dropout: float = 0.1, residual_dropout: float = 0.1,
+                 embedding_dropout: float = 0.1, max_action: float = 1.0):
+        super().__init__()
+        self.state_dim, self.action_dim = state_dim, action_dim
+        self.seq_len, self.episode_len = seq_len, episode_len
+        self.max_action = max_action
+        # padded training steps keep counting past the episode end, hence episode_len + seq_len rows
+        self.timestep_emb = nn.Embedding(episode_len + seq_len, embedding_dim)
+        self.return_emb = nn.Linear(1, embedding_dim)
+        self.state_emb = nn.Linear(state_dim, embedding_dim)
+        self.action_emb = nn.Linear(action_dim, embedding_dim)
+        self.emb_norm = nn.LayerNorm(embedding_dim)
+        self.emb_drop = nn.Dropout(embedding_dropout)
+        self.blocks = nn.ModuleList([
+            TransformerBlock(embedding_dim, num_heads, attention_dropout, residual_dropout) for _ in range(num_layers)
+        ])
+        self.out_norm = nn.LayerNorm(embedding_dim)
+        self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
+                timesteps: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """states [B,T,S], actions [B,T,A], returns_to_go [B,T], timesteps [B,T], padding_mask [B,T]
+        (True = real step, None = no padding) -> predicted actions [B,T,A]."""
+        batch, steps = states.shape[:2]
+        time_emb = self.timestep_emb(timesteps)  # shared timestep embedding for R, s, a of one step
+        tokens = torch.stack([
+            self.return_emb(returns_to_go.unsqueeze(-1)) + time_emb,
+            self.state_emb(states) + time_emb,
+            self.action_emb(actions) + time_emb,
+        ], dim=2).reshape(batch, 3 * steps, -1)  # [B, T, 3, E] -> [B, 3T, E]: R_0, s_0, a_0, R_1, ...
+        x = self.emb_drop(self.emb_norm(tokens))
+        attn_mask = None
+        if padding_mask is not None:
+            key_mask = padding_mask.repeat_interleave(3, dim=1)  # [B, 3T], same order as the tokens
+            causal = torch.ones(3 * steps, 3 * steps, dtype=torch.bool, device=x.device).tril()
+            attn_mask = (causal & key_mask[:, None, :])[:, None]  # [B, 1, 3T, 3T], True = attend
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.out_norm(x)
+        return self.action_head(x[:, 1::3]) * self.max_action  # action of step t from the s_t token
+
+
+def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over real steps only (the baseline also divides by padded entries)."""
+    squared = ((predicted - target) ** 2).sum(-1) * mask
+    return squared.sum() / (mask.sum() * target.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def make_env(env_id: str) -> gym.Env:
+    try:
+        with warnings.catch_warnings():  # -v4 is chosen on purpose: it matches the D4RL -v2 data
+            warnings.filterwarnings("ignore", message=".*is out of date.*")
+            return gym.make(env_id)
+    except gym.error.Error as err:
+        raise UserError(f"cannot create gymnasium env '{env_id}' ({err}); set eval_env to a valid env id") from None
+
+
+def normalized_score(returns: np.ndarray, ref_min: float, ref_max: float) -> np.ndarray:
+    return 100.0 * (returns - ref_min) / (ref_max - ref_min)
+
+
+@torch.no_grad()
+def evaluate(model: DecisionTransformer, envs: List[gym.Env], target_returns: Tuple[float, ...],
+             eval_episodes: int, eval_seed: int, state_mean: np.ndarray, state_std: np.ndarray,
+             reward_scale: float, device: torch.device) -> Dict[float, np.ndarray]:
+    """Run eval_episodes episodes per target return, all together, one batched forward per env step.
+
+    Episode i of every target starts from reset seed eval_seed + i. Returns {target: returns [episodes]}.
+    """
+    num = eval_episodes * len(target_returns)
+    if len(envs) < num:
+        raise ValueError(f"need {num} envs, got {len(envs)}")
+    was_training = model.training
+    model.eval()
+    K, S, A = model.seq_len, model.state_dim, model.action_dim
+    mean = torch.as_tensor(state_mean, device=device)
+    std = torch.as_tensor(state_std, device=device)
+    targets = np.repeat(np.asarray(target_returns, dtype=np.float64), eval_episodes)  # episode e -> its target
+    seeds = np.tile(np.arange(eval_episodes), len(target_returns)) + eval_seed
+    observations = np.stack([envs[e].reset(seed=int(seeds[e]))[0] for e in range(num)])
+    # the last K steps of every live episode; the newest step sits at index K-1
+    states = torch.zeros(num, K, S, device=device)
+    actions = torch.zeros(num, K, A, device=device)
+    returns = torch.zeros(num, K, device=device)
+    timesteps = torch.zeros(num, K, dtype=torch.long, device=device)
+    returns[:, -1] = torch.as_tensor(targets * reward_scale, dtype=torch.float32, device=device)  # R_0
+    live = np.arange(num)  # episode index of each batch row
+    episode_returns = np.zeros(num)
+    for t in range(model.episode_len):
+        states[:, -1] = (torch.as_tensor(observations, dtype=torch.float32, device=device) - mean) / std
+        timesteps[:, -1] = t
+        actions[:, -1] = 0.0  # placeholder for the action being chosen
+        context = min(t + 1, K)  # prompt grows from 1 to K steps, no padding
+        predicted = model(states[:, -context:], actions[:, -context:], returns[:, -context:], timesteps[:, -context:])
+        action = predicted[:, -1]  # prediction at the last state token
+        actions[:, -1] = action
+        action_np = action.cpu().numpy()
+        next_obs, rewards, done = [], np.zeros(len(live)), np.zeros(len(live), dtype=bool)
+        for row, episode in enumerate(live):
+            obs, reward, terminated, truncated, _ = envs[episode].step(action_np[row])
+            next_obs.append(obs)
+            rewards[row] = reward
+            done[row] = terminated or truncated or t + 1 >= model.episode_len
+        episode_returns[live] += rewards
+        next_rtg = returns[:, -1] - torch.as_tensor(rewards * reward_scale, dtype=torch.float32, device=device)
+        keep = torch.as_tensor(~done, device=device)
+        live, observations = live[~done], np.asarray(next_obs)[~done]
+        if len(live) == 0:
+            break
+        # drop finished episodes, shift the window left by one step and append the new return-to-go
+        states, actions, returns, timesteps = (x[keep].roll(-1, dims=1) for x in (states, actions, returns, timesteps))
+        returns[:, -1] = next_rtg[keep]
+    model.train(was_training)
+    return {target: episode_returns[targets == target] for target in target_returns}
+
+
+def eval_metrics(results: Dict[float, np.ndarray], ref_min: Optional[float], ref_max: Optional[float]) -> Dict[str, float]:
+    """The logged keys of the baseline: eval/{target}_return_mean, ..._normalized_score_std."""
+    metrics = {}
+    for target, returns in results.items():
+        metrics[f"eval/{target}_return_mean"] = float(np.mean(returns))
+        metrics[f"eval/{target}_return_std"] = float(np.std(returns))
+        if ref_min is not None:
+            scores = normalized_score(returns, ref_min, ref_max)
+            metrics[f"eval/{target}_normalized_score_mean"] = float(np.mean(scores))
+            metrics[f"eval/{target}_normalized_score_std"] = float(np.std(scores))
+    return metrics
+
+
+def format_eval_table(step: int, metrics: Dict[str, float], target_returns: Tuple[float, ...]) -> str:
+    lines = [f"eval @ step {step}", f"{'target':>10}  {'return mean +- std':>22}  {'normalized mean +- std':>24}"]
+    for target in target_returns:
+        ret = f"{metrics[f'eval/{target}_return_mean']:.1f} +- {metrics[f'eval/{target}_return_std']:.1f}"
+        key = f"eval/{target}_normalized_score_mean"
+        norm = f"{metrics[key]:.2f} +- {metrics[f'eval/{target}_normalized_score_std']:.2f}" if key in metrics else "n/a"
+        lines.append(f"{target:>10}  {ret:>22}  {norm:>24}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: a local run folder (config.yaml, metrics.jsonl) and wandb
+# ----------------------------------------------------------------------------------------------
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class RunLogger:
+    """Writes every logged row to run_dir/metrics.jsonl and to wandb (offline without an account)."""
+
+    def __init__(self, config: TrainConfig, run_name: str, run_dir: Path):
+        import wandb  # imported here: wandb is slow to import and only training needs it
+
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = wandb
+        if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"wandb: no API key and WANDB_MODE unset, logging offline to {run_dir / 'wandb'} "
+                  "(upload later with `wandb sync`)")
+        self.run = wandb.init(project=config.project, group=config.group, name=run_name,
+                              config=asdict(config), dir=str(run_dir))
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> Dict[str, float]:
+    """Train DT on config.env_name's dataset, evaluating every eval_every steps; returns the last metrics."""
+    validate_config(config)
+    device = resolve_device(config.device)
+    source = resolve_dataset(config)
+    if not source.path.exists():
+        download(source.url, source.path)
+    raw = load_d4rl_hdf5(source.path)
+    data = prepare_data(raw, config.reward_scale)
+    state_dim, action_dim = data.states.shape[1], data.actions.shape[1]
+
+    envs = [make_env(source.eval_env) for _ in range(config.eval_episodes * len(config.target_returns))]
+    env_state_dim, env_action_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
+    if (env_state_dim, env_action_dim) != (state_dim, action_dim):
+        raise UserError(f"dataset has state/action sizes {state_dim}/{action_dim} but env {source.eval_env} "
+                        f"has {env_state_dim}/{env_action_dim}; set eval_env to the env the data came from")
+
+    run_name = f"{config.name}-{config.env_name}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}"
+    run_dir = Path(config.runs_dir) / run_name
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"cannot create run folder {run_dir} ({err}); set runs_dir to a writable folder") from None
+    with open(run_dir / "config.yaml", "w") as f:
+        pyrallis.dump(config, f)
+    print(f"dataset {source.path}: {len(data.states)} transitions, {len(data.traj_lengths)} trajectories, "
+          f"mean return {data.traj_returns.mean():.1f}; eval env {source.eval_env}; device {device}; run {run_dir}")
+
+    set_seed(config.train_seed, config.deterministic_torch)
+    sampler = WindowSampler(data, config.seq_len, device, seed=config.train_seed)
+    model = DecisionTransformer(
+        state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
+        embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
+        attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
+        embedding_dropout=config.embedding_dropout, max_action=config.max_action,
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
+                                  weight_decay=config.weight_decay)
+    warmup = max(config.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 1.0))
+
+    logger = RunLogger(config, run_name, run_dir)
+    metrics: Dict[str, float] = {}
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on device: no sync per step
+    progress = trange(1, config.update_steps + 1, desc="train", dynamic_ncols=True)
+    for step in progress:
+        states, actions, returns, timesteps, mask = sampler.sample(config.batch_size)
+        predicted = model(states, actions, returns, timesteps, padding_mask=mask)
+        loss = masked_mse(predicted, actions, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+        learning_rate = optimizer.param_groups[0]["lr"]  # the rate this update used
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach()
+        loss_count += 1
+
+        if step % config.log_every == 0 or step == config.update_steps:
+            metrics = {"train_loss": loss_sum.item() / loss_count, "learning_rate": learning_rate}
+            logger.log(metrics, step=step)
+            progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+            loss_sum.zero_()
+            loss_count = 0
+        if step % config.eval_every == 0 or step == config.update_steps:
+            results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
+                               data.state_mean, data.state_std, config.reward_scale, device)
+            eval_metrics_ = eval_metrics(results, source.ref_min_score, source.ref_max_score)
+            logger.log(eval_metrics_, step=step)
+            metrics.update(eval_metrics_)
+            tqdm.write(format_eval_table(step, eval_metrics_, config.target_returns))
+
+    if config.checkpoints_path is not None:
+        path = Path(config.checkpoints_path) / run_name / "checkpoint.pt"
+        atomic_torch_save({
+            "model_state": model.state_dict(),
+            "state_mean": data.state_mean,
+            "state_std": data.state_std,
+            "config": asdict(config),
+            "step": config.update_steps,
+        }, path)
+        print(f"checkpoint written to {path}")
+    logger.finish()
+    for env in envs:
+        env.close()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+def main(args: Optional[List[str]] = None) -> None:
+    try:
+        config = pyrallis.parse(config_class=TrainConfig, args=args)
+        train(config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except pyrallis.utils.ParsingError as err:
+        message = str(err).splitlines()[0]
+        print(f"error: invalid config: {message} (lists are written as '[3600,1800]')", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

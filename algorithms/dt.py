@@ -41,6 +41,8 @@ from tqdm.auto import tqdm, trange
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
+    """Every field of the CORL baseline (same names and defaults, device 'auto'), then this project's own."""
+
     # wandb project name
     project: str = "CORL"
     # wandb group name
@@ -101,16 +103,15 @@ class TrainConfig:
     eval_seed: int = 42
     # training device: auto (cuda when available), cpu, cuda, cuda:N
     device: str = "auto"
-    # --- fields added by this project ---
     # D4RL-layout HDF5 file to train on instead of the D4RL dataset named by env_name
     dataset_path: Optional[str] = None
-    # folder of D4RL files (default: $D4RL_DATASET_DIR, else ~/.d4rl/datasets)
+    # folder of D4RL files; when unset: $D4RL_DATASET_DIR, else ~/.d4rl/datasets
     dataset_dir: Optional[str] = None
-    # gymnasium env id for evaluation (default: from env_name, else the HDF5 file's env_id attribute)
+    # gymnasium env id for evaluation; when unset: from env_name, else the HDF5 file's env_id attribute
     eval_env: Optional[str] = None
-    # return of a random policy for the normalized score (default: D4RL table or HDF5 attribute)
+    # return of a random policy for the normalized score; when unset: D4RL table or HDF5 attribute
     ref_min_score: Optional[float] = None
-    # return of an expert policy for the normalized score (default: D4RL table or HDF5 attribute)
+    # return of an expert policy for the normalized score; when unset: D4RL table or HDF5 attribute
     ref_max_score: Optional[float] = None
     # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
     runs_dir: str = "runs"
@@ -137,6 +138,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError("max_action, reward_scale and learning_rate must be positive")
     if not config.target_returns:
         raise UserError("target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'")
+    if len(set(config.target_returns)) != len(config.target_returns):
+        raise UserError(f"target_returns has repeated values {config.target_returns}; give each target once")
     if config.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
 
@@ -631,6 +634,9 @@ def train(config: TrainConfig) -> Dict[str, float]:
     raw = load_d4rl_hdf5(source.path)
     data = prepare_data(raw, config.reward_scale)
     state_dim, action_dim = data.states.shape[1], data.actions.shape[1]
+    if data.traj_lengths.max() > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
+        raise UserError(f"the dataset has a trajectory of {data.traj_lengths.max()} steps, longer than "
+                        f"episode_len={config.episode_len}; raise episode_len")
 
     envs = [make_env(source.eval_env) for _ in range(config.eval_episodes * len(config.target_returns))]
     env_state_dim, env_action_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]

@@ -1,0 +1,119 @@
+"""Evaluation on a real MuJoCo env: return-to-go bookkeeping, batching, metrics and scores."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dt
+
+CPU = torch.device("cpu")
+
+
+class RecordingDT(dt.DecisionTransformer):
+    """The real model, recording every input it is given and the actions it returns."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def forward(self, states, actions, returns_to_go, timesteps, padding_mask=None):
+        out = super().forward(states, actions, returns_to_go, timesteps, padding_mask)
+        self.calls.append({k: v.clone() for k, v in dict(states=states, actions=actions, returns=returns_to_go,
+                                                            timesteps=timesteps, out=out).items()})
+        return out
+
+
+class StrictEnv(gym.Wrapper):
+    """Fails the test if an episode is stepped after it ended."""
+
+    def reset(self, **kwargs):
+        self.ended = False
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        assert not self.ended, "a finished episode was stepped again"
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.ended = terminated or truncated
+        return obs, reward, terminated, truncated, info
+
+
+def hopper_model(cls=dt.DecisionTransformer, seq_len=4, episode_len=40, gain=5.0):
+    torch.manual_seed(0)
+    model = cls(11, 3, seq_len=seq_len, episode_len=episode_len, embedding_dim=32, num_layers=2, num_heads=2)
+    with torch.no_grad():
+        model.action_head[0].weight.mul_(gain)  # bigger actions than an untrained model's, so episodes differ
+    return model
+
+
+def test_return_to_go_bookkeeping_and_context_window():
+    K, scale, target = 4, 0.01, 3600.0
+    model = hopper_model(RecordingDT, seq_len=K, episode_len=40).train()
+    mean, std = np.full(11, 0.1, np.float32), np.full(11, 2.0, np.float32)
+    result = dt.evaluate(model, [StrictEnv(dt.make_env("Hopper-v4"))], (target,), 1, 42, mean, std, scale, CPU)
+    assert model.training  # evaluation restores the mode it found
+
+    # replay the actions the model chose in a fresh env with the same seed
+    env = dt.make_env("Hopper-v4")
+    obs, _ = env.reset(seed=42)
+    observations, rewards = [obs], []
+    for call in model.calls:
+        obs, reward, terminated, truncated, _ = env.step(call["out"][0, -1].numpy())
+        observations.append(obs)
+        rewards.append(reward)
+    assert terminated or truncated or len(model.calls) == 40  # the episode ran to its natural end
+    assert len(model.calls) > 2 * K  # long enough for the window to roll
+    rtg = target * scale - np.concatenate([[0.0], np.cumsum(rewards)]) * scale  # R_{t+1} = R_t - r_t * scale
+    for t, call in enumerate(model.calls):
+        window = range(max(0, t - K + 1), t + 1)  # the last <= K steps
+        assert call["timesteps"][0].tolist() == list(window)
+        np.testing.assert_allclose(call["returns"][0].numpy(), rtg[list(window)], rtol=1e-5, atol=1e-5)
+        expected_states = (np.asarray([observations[i] for i in window]) - mean) / std
+        np.testing.assert_allclose(call["states"][0].numpy(), expected_states, rtol=1e-5, atol=1e-5)
+        assert (call["actions"][0, -1] == 0).all()  # placeholder for the action being chosen
+        previous = [model.calls[i]["out"][0, -1].numpy() for i in window][:-1]
+        if previous:
+            np.testing.assert_allclose(call["actions"][0, :-1].numpy(), np.asarray(previous), rtol=1e-6)
+    assert result[target][0] == pytest.approx(sum(rewards))
+
+
+def test_batched_evaluation_equals_one_episode_at_a_time():
+    model = hopper_model(episode_len=60)
+    targets, episodes, seed = (3600.0, 1800.0), 3, 7
+    zeros, ones = np.zeros(11, np.float32), np.ones(11, np.float32)
+    envs = [StrictEnv(dt.make_env("Hopper-v4")) for _ in range(len(targets) * episodes)]
+    batched = dt.evaluate(model, envs, targets, episodes, seed, zeros, ones, 0.001, CPU)
+    lengths = [int(round(e.unwrapped.data.time / e.unwrapped.dt)) for e in envs]
+    assert len(set(lengths)) > 1  # episodes really ended at different steps and left the batch
+    for target in targets:
+        for i in range(episodes):
+            alone = dt.evaluate(model, [dt.make_env("Hopper-v4")], (target,), 1, seed + i, zeros, ones, 0.001, CPU)
+            assert batched[target][i] == pytest.approx(alone[target][0], rel=1e-6)
+
+
+def test_eval_seed_makes_evaluation_repeatable():
+    model = hopper_model()
+    args = ((3600.0,), 2, 5, np.zeros(11, np.float32), np.ones(11, np.float32), 0.001, CPU)
+    first = dt.evaluate(model, [dt.make_env("Hopper-v4") for _ in range(2)], *args)
+    second = dt.evaluate(model, [dt.make_env("Hopper-v4") for _ in range(2)], *args)
+    np.testing.assert_array_equal(first[3600.0], second[3600.0])
+    assert first[3600.0][0] != first[3600.0][1]  # different episodes start from different seeds
+
+
+def test_normalized_score_formula():
+    low, high = dt.D4RL_REF_SCORES["hopper"]
+    assert dt.normalized_score(np.array(high), low, high) == pytest.approx(100.0)
+    assert dt.normalized_score(np.array(low), low, high) == pytest.approx(0.0)
+    assert dt.normalized_score(np.array(1000.0), low, high) == pytest.approx(100 * (1000 + 20.272305) / (3234.3 + 20.272305))
+
+
+def test_eval_metric_keys_and_values():
+    results = {3600.0: np.array([1000.0, 2000.0]), 1800.0: np.array([500.0, 500.0])}
+    metrics = dt.eval_metrics(results, *dt.D4RL_REF_SCORES["hopper"])
+    assert set(metrics) == {f"eval/{t}_{k}" for t in ("3600.0", "1800.0")
+                            for k in ("return_mean", "return_std", "normalized_score_mean", "normalized_score_std")}
+    assert metrics["eval/3600.0_return_mean"] == 1500.0 and metrics["eval/3600.0_return_std"] == 500.0  # population std
+    assert metrics["eval/1800.0_normalized_score_mean"] == pytest.approx(dt.normalized_score(500.0, *dt.D4RL_REF_SCORES["hopper"]))
+    raw_only = dt.eval_metrics(results, None, None)
+    assert set(raw_only) == {f"eval/{t}_{k}" for t in ("3600.0", "1800.0") for k in ("return_mean", "return_std")}
+    table = dt.format_eval_table(10, metrics, (3600.0, 1800.0))
+    assert "3600.0" in table and "1500.0 +- 500.0" in table

@@ -1,0 +1,115 @@
+"""The transformer: causality, padding, action bound, parameter count, init, loss, optimisation."""
+import numpy as np
+import pytest
+import torch
+
+import dt
+
+
+def small_model(**kwargs):
+    args = dict(state_dim=5, action_dim=2, seq_len=6, episode_len=50, embedding_dim=32, num_layers=2, num_heads=2)
+    args.update(kwargs)
+    torch.manual_seed(0)
+    return dt.DecisionTransformer(**args).eval()
+
+
+def random_inputs(model, batch=3, steps=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, steps, model.state_dim, generator=g)
+    actions = torch.rand(batch, steps, model.action_dim, generator=g) * 2 - 1
+    returns = torch.randn(batch, steps, generator=g)
+    timesteps = torch.randint(0, model.episode_len, (batch, 1), generator=g) + torch.arange(steps)
+    return states, actions, returns, timesteps
+
+
+@pytest.mark.parametrize("step", [0, 2, 5])
+def test_causality_later_tokens_never_change_earlier_predictions(step):
+    model = small_model()
+    states, actions, returns, timesteps = random_inputs(model)
+    base = model(states, actions, returns, timesteps)
+    for name in ("states", "actions", "returns"):
+        s, a, r = states.clone(), actions.clone(), returns.clone()
+        {"states": s, "actions": a, "returns": r}[name][:, step:] += 3.0
+        out = model(s, a, r, timesteps)
+        # a_t comes after s_t, so changing a_t may only affect predictions of later steps
+        unchanged = step + 1 if name == "actions" else step
+        torch.testing.assert_close(out[:, :unchanged], base[:, :unchanged], rtol=0, atol=1e-6)
+        if unchanged < out.shape[1]:
+            assert not torch.allclose(out[:, unchanged:], base[:, unchanged:], atol=1e-4)
+
+
+def test_padded_inputs_never_change_real_predictions():
+    model = small_model()
+    states, actions, returns, timesteps = random_inputs(model)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 1:] = False
+    base = model(states, actions, returns, timesteps, padding_mask=mask)
+    s, a, r = states.clone(), actions.clone(), returns.clone()
+    for x in (s, a, r):
+        x[~mask] = 7.0
+    out = model(s, a, r, timesteps, padding_mask=mask)
+    torch.testing.assert_close(out[mask], base[mask], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[~mask], base[~mask], atol=1e-4)  # padded positions do see their inputs
+    # with nothing padded the mask changes nothing
+    full = torch.ones(3, 6, dtype=torch.bool)
+    torch.testing.assert_close(model(states, actions, returns, timesteps, full),
+                               model(states, actions, returns, timesteps), rtol=0, atol=1e-6)
+
+
+def test_actions_bounded_by_max_action():
+    model = small_model(max_action=2.5)
+    with torch.no_grad():
+        model.action_head[0].weight.mul_(500.0)  # saturate the tanh
+    states, actions, returns, timesteps = random_inputs(model, batch=16)
+    out = model(states * 10, actions, returns * 10, timesteps)
+    assert out.abs().max() <= 2.5
+    assert out.abs().max() > 2.4  # scaled by max_action, not clipped at 1
+
+
+def test_parameter_count_of_default_hopper_model():
+    model = dt.DecisionTransformer(state_dim=11, action_dim=3)  # E=128, 3 layers, K=20, episode_len=1000
+    E, S, A, K, T, L = 128, 11, 3, 20, 1000, 3
+    embeddings = (T + K) * E + (1 * E + E) + (S * E + E) + (A * E + E) + 2 * E  # time, R, s, a, LayerNorm
+    block = 2 * E + (E * 3 * E + 3 * E) + (E * E + E) + 2 * E + (E * 4 * E + 4 * E) + (4 * E * E + E)
+    head = 2 * E + (E * A + A)  # final LayerNorm, action Linear
+    expected = embeddings + L * block + head
+    assert expected == 728_579  # 133,120 embedding + 3 x 198,272 blocks + 643 head
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_init_follows_gpt():
+    model = dt.DecisionTransformer(state_dim=11, action_dim=3)
+    weight = model.blocks[0].mlp[0].weight
+    assert abs(weight.std().item() - 0.02) < 0.001 and abs(model.timestep_emb.weight.std().item() - 0.02) < 0.001
+    assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 + 2 * 3 and all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
+
+
+def test_masked_mse_is_mean_over_real_entries():
+    pred = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
+    target = torch.zeros(1, 3, 2)
+    mask = torch.tensor([[True, True, False]])
+    assert dt.masked_mse(pred, target, mask).item() == pytest.approx((1 + 1 + 4 + 4) / 4)
+
+
+def test_a_few_hundred_steps_on_a_fixed_batch_drive_the_loss_down():
+    model = small_model(embedding_dim=32, num_layers=1, num_heads=1, attention_dropout=0.0,
+                        residual_dropout=0.0, embedding_dropout=0.0).train()
+    g = torch.Generator().manual_seed(0)
+    states, _, returns, timesteps = random_inputs(model, batch=16)
+    target_actions = torch.tanh(states[..., :2] + 0.5 * returns[..., None])  # a learnable target
+    mask = torch.ones(16, 6, dtype=torch.bool)
+    mask[:4, 3:] = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    losses = []
+    for _ in range(300):
+        loss = dt.masked_mse(model(states, target_actions * mask[..., None], returns, timesteps, mask), target_actions, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+    assert np.isfinite(losses).all()

@@ -8,8 +8,9 @@ the true mean over real (unpadded) steps.
     python algorithms/dt.py --config_path configs/dt/hopper/medium_v2.yaml [--field value ...]
 """
 import difflib
+import functools
 import json
-import math
+import multiprocessing as mp
 import netrc
 import os
 import random
@@ -24,7 +25,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gymnasium as gym
 import h5py
@@ -115,6 +116,8 @@ class TrainConfig:
     ref_max_score: Optional[float] = None
     # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
     runs_dir: str = "runs"
+    # worker processes that step the evaluation envs (0: step them in the training process)
+    eval_workers: int = 0
     # log train_loss (mean over the interval) and learning_rate every log_every steps
     log_every: int = 100
 
@@ -140,6 +143,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError("target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'")
     if len(set(config.target_returns)) != len(config.target_returns):
         raise UserError(f"target_returns has repeated values {config.target_returns}; give each target once")
+    if config.eval_workers < 0:
+        raise UserError(f"eval_workers must be >= 0 (0 steps envs in the training process), got {config.eval_workers}")
     if config.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
 
@@ -385,17 +390,25 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)
         self.proj = nn.Linear(embedding_dim, embedding_dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], last_only: bool = False) -> torch.Tensor:
+        """x [B, L, E] -> [B, L, E], or [B, 1, E] for the last token only (its query sees every key)."""
         batch, length, dim = x.shape
-        # [B, L, 3E] -> [3, B, heads, L, E/heads]
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        head_dim = dim // self.num_heads
+        if last_only:  # one query instead of L: no FLOPs for outputs nobody reads
+            w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
+            b_q, b_kv = self.qkv.bias.split([dim, 2 * dim])
+            q = F.linear(x[:, -1:], w_q, b_q).view(batch, 1, self.num_heads, head_dim).transpose(1, 2)
+            k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+            attn_mask = None if attn_mask is None else attn_mask[:, :, -1:]
+        else:  # [B, L, 3E] -> [3, B, heads, L, E/heads]
+            q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=attn_mask,  # causal and key padding, or None for a causal unpadded prompt
-            is_causal=attn_mask is None,
+            attn_mask=attn_mask,  # causal and key padding; None: causal, unpadded
+            is_causal=attn_mask is None and not last_only,
             dropout_p=self.attention_dropout if self.training else 0.0,  # dropout on attention weights
         )
-        return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
+        return self.proj(y.transpose(1, 2).reshape(batch, q.shape[2], dim))
 
 
 class TransformerBlock(nn.Module):
@@ -412,8 +425,10 @@ class TransformerBlock(nn.Module):
             nn.Dropout(residual_dropout),
         )
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.attention_drop(self.attention(self.norm1(x), attn_mask))  # pre-norm GPT block
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], last_only: bool = False) -> torch.Tensor:
+        attention = self.attention(self.norm1(x), attn_mask, last_only)
+        x = x[:, -1:] if last_only else x
+        x = x + self.attention_drop(attention)  # pre-norm GPT block
         return x + self.mlp(self.norm2(x))
 
 
@@ -451,9 +466,14 @@ class DecisionTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
-                timesteps: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                timesteps: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
         """states [B,T,S], actions [B,T,A], returns_to_go [B,T], timesteps [B,T], padding_mask [B,T]
-        (True = real step, None = no padding) -> predicted actions [B,T,A]."""
+        (True = real step, None = no padding) -> predicted actions [B,T,A].
+
+        last_only: return only the action of the last step, [B,A], computing just what it needs: the
+        last action token (a placeholder) is dropped and the last block processes one query.
+        """
         batch, steps = states.shape[:2]
         time_emb = self.timestep_emb(timesteps)  # shared timestep embedding for R, s, a of one step
         tokens = torch.stack([
@@ -461,15 +481,18 @@ class DecisionTransformer(nn.Module):
             self.state_emb(states) + time_emb,
             self.action_emb(actions) + time_emb,
         ], dim=2).reshape(batch, 3 * steps, -1)  # [B, T, 3, E] -> [B, 3T, E]: R_0, s_0, a_0, R_1, ...
-        x = self.emb_drop(self.emb_norm(tokens))
+        length = 3 * steps - 1 if last_only else 3 * steps  # a_T only influences later tokens
+        x = self.emb_drop(self.emb_norm(tokens[:, :length]))
         attn_mask = None
         if padding_mask is not None:
-            key_mask = padding_mask.repeat_interleave(3, dim=1)  # [B, 3T], same order as the tokens
-            causal = torch.ones(3 * steps, 3 * steps, dtype=torch.bool, device=x.device).tril()
+            key_mask = padding_mask.repeat_interleave(3, dim=1)[:, :length]  # [B, 3T], same order as tokens
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
             attn_mask = (causal & key_mask[:, None, :])[:, None]  # [B, 1, 3T, 3T], True = attend
-        for block in self.blocks:
-            x = block(x, attn_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, last_only=last_only and i == len(self.blocks) - 1)
         x = self.out_norm(x)
+        if last_only:
+            return self.action_head(x[:, -1]) * self.max_action  # x ends with the s_T token
         return self.action_head(x[:, 1::3]) * self.max_action  # action of step t from the s_t token
 
 
@@ -495,8 +518,101 @@ def normalized_score(returns: np.ndarray, ref_min: float, ref_max: float) -> np.
     return 100.0 * (returns - ref_min) / (ref_max - ref_min)
 
 
+def step_envs(envs: List[gym.Env], actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step each env with its action -> observations [n, S], rewards [n], done (terminated or truncated) [n]."""
+    results = [env.step(action) for env, action in zip(envs, actions)]
+    return (np.stack([r[0] for r in results]), np.array([r[1] for r in results], dtype=np.float64),
+            np.array([r[2] or r[3] for r in results], dtype=bool))
+
+
+def _env_worker(conn: Any, make_env_fn: Callable[[], gym.Env], num_envs: int) -> None:
+    """Holds num_envs envs in a worker process and answers reset/step requests for some of them."""
+    envs = [make_env_fn() for _ in range(num_envs)]
+    try:
+        while True:
+            command, local, data = conn.recv()
+            if command == "close":
+                break
+            try:
+                if command == "reset":
+                    result = np.stack([envs[i].reset(seed=int(seed))[0] for i, seed in zip(local, data)])
+                else:
+                    result = step_envs([envs[i] for i in local], data)
+                conn.send(("ok", result))
+            except Exception as err:  # reported to the main process, which raises it
+                conn.send(("error", f"{type(err).__name__}: {err}"))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        for env in envs:
+            env.close()
+
+
+class EvalEnvs:
+    """num_envs evaluation envs, stepped in this process (workers=0) or spread over worker processes.
+
+    Env e lives in worker e % workers (round robin keeps the live episodes spread as others finish).
+    """
+
+    def __init__(self, make_env_fn: Callable[[], gym.Env], num_envs: int, workers: int = 0):
+        probe = make_env_fn()
+        self.state_dim, self.action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+        self.num_envs, self.workers = num_envs, min(workers, num_envs)
+        if self.workers == 0:
+            self.envs = [probe] + [make_env_fn() for _ in range(num_envs - 1)]
+            return
+        probe.close()
+        context = mp.get_context("spawn")  # no fork: the parent holds torch threads and maybe CUDA
+        self.pipes = []
+        for worker in range(self.workers):
+            parent, child = context.Pipe()
+            count = len(range(worker, num_envs, self.workers))
+            context.Process(target=_env_worker, args=(child, make_env_fn, count), daemon=True).start()
+            child.close()
+            self.pipes.append(parent)
+
+    def _ask(self, command: str, episodes: np.ndarray, data: np.ndarray) -> List[Any]:
+        """Send each worker its part of the request, then gather the answers in the order of episodes."""
+        owner = episodes % self.workers
+        asked = [w for w in range(self.workers) if (owner == w).any()]
+        for w in asked:  # all workers work at the same time
+            self.pipes[w].send((command, episodes[owner == w] // self.workers, data[owner == w]))
+        parts = {}
+        for w in asked:
+            status, result = self.pipes[w].recv()
+            if status == "error":
+                raise RuntimeError(f"evaluation env worker {w} failed: {result}")
+            parts[w] = result if isinstance(result, tuple) else (result,)
+        outputs = []
+        for i in range(len(parts[asked[0]])):
+            first = parts[asked[0]][i]
+            out = np.empty((len(episodes),) + first.shape[1:], dtype=first.dtype)
+            for w in asked:
+                out[owner == w] = parts[w][i]
+            outputs.append(out)
+        return outputs
+
+    def reset(self, episodes: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        if self.workers == 0:
+            return np.stack([self.envs[e].reset(seed=int(seed))[0] for e, seed in zip(episodes, seeds)])
+        return self._ask("reset", episodes, seeds)[0]
+
+    def step(self, episodes: np.ndarray, actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.workers == 0:
+            return step_envs([self.envs[e] for e in episodes], actions)
+        return tuple(self._ask("step", episodes, actions))
+
+    def close(self) -> None:
+        if self.workers == 0:
+            for env in self.envs:
+                env.close()
+        for pipe in getattr(self, "pipes", []):
+            pipe.send(("close", None, None))
+            pipe.close()
+
+
 @torch.no_grad()
-def evaluate(model: DecisionTransformer, envs: List[gym.Env], target_returns: Tuple[float, ...],
+def evaluate(model: DecisionTransformer, envs: EvalEnvs, target_returns: Tuple[float, ...],
              eval_episodes: int, eval_seed: int, state_mean: np.ndarray, state_std: np.ndarray,
              reward_scale: float, device: torch.device) -> Dict[float, np.ndarray]:
     """Run eval_episodes episodes per target return, all together, one batched forward per env step.
@@ -504,8 +620,8 @@ def evaluate(model: DecisionTransformer, envs: List[gym.Env], target_returns: Tu
     Episode i of every target starts from reset seed eval_seed + i. Returns {target: returns [episodes]}.
     """
     num = eval_episodes * len(target_returns)
-    if len(envs) < num:
-        raise ValueError(f"need {num} envs, got {len(envs)}")
+    if envs.num_envs < num:
+        raise ValueError(f"need {num} envs, got {envs.num_envs}")
     was_training = model.training
     model.eval()
     K, S, A = model.seq_len, model.state_dim, model.action_dim
@@ -513,34 +629,29 @@ def evaluate(model: DecisionTransformer, envs: List[gym.Env], target_returns: Tu
     std = torch.as_tensor(state_std, device=device)
     targets = np.repeat(np.asarray(target_returns, dtype=np.float64), eval_episodes)  # episode e -> its target
     seeds = np.tile(np.arange(eval_episodes), len(target_returns)) + eval_seed
-    observations = np.stack([envs[e].reset(seed=int(seeds[e]))[0] for e in range(num)])
+    live = np.arange(num)  # episode index of each batch row
+    observations = envs.reset(live, seeds)
     # the last K steps of every live episode; the newest step sits at index K-1
     states = torch.zeros(num, K, S, device=device)
     actions = torch.zeros(num, K, A, device=device)
     returns = torch.zeros(num, K, device=device)
     timesteps = torch.zeros(num, K, dtype=torch.long, device=device)
     returns[:, -1] = torch.as_tensor(targets * reward_scale, dtype=torch.float32, device=device)  # R_0
-    live = np.arange(num)  # episode index of each batch row
     episode_returns = np.zeros(num)
     for t in range(model.episode_len):
         states[:, -1] = (torch.as_tensor(observations, dtype=torch.float32, device=device) - mean) / std
         timesteps[:, -1] = t
         actions[:, -1] = 0.0  # placeholder for the action being chosen
         context = min(t + 1, K)  # prompt grows from 1 to K steps, no padding
-        predicted = model(states[:, -context:], actions[:, -context:], returns[:, -context:], timesteps[:, -context:])
-        action = predicted[:, -1]  # prediction at the last state token
+        action = model(states[:, -context:], actions[:, -context:], returns[:, -context:], timesteps[:, -context:],
+                       last_only=True)  # prediction at the last state token
         actions[:, -1] = action
-        action_np = action.cpu().numpy()
-        next_obs, rewards, done = [], np.zeros(len(live)), np.zeros(len(live), dtype=bool)
-        for row, episode in enumerate(live):
-            obs, reward, terminated, truncated, _ = envs[episode].step(action_np[row])
-            next_obs.append(obs)
-            rewards[row] = reward
-            done[row] = terminated or truncated or t + 1 >= model.episode_len
+        next_obs, rewards, done = envs.step(live, action.cpu().numpy())  # every live env steps
+        done |= t + 1 >= model.episode_len
         episode_returns[live] += rewards
         next_rtg = returns[:, -1] - torch.as_tensor(rewards * reward_scale, dtype=torch.float32, device=device)
         keep = torch.as_tensor(~done, device=device)
-        live, observations = live[~done], np.asarray(next_obs)[~done]
+        live, observations = live[~done], next_obs[~done]
         if len(live) == 0:
             break
         # drop finished episodes, shift the window left by one step and append the new return-to-go
@@ -638,11 +749,12 @@ def train(config: TrainConfig) -> Dict[str, float]:
         raise UserError(f"the dataset has a trajectory of {data.traj_lengths.max()} steps, longer than "
                         f"episode_len={config.episode_len}; raise episode_len")
 
-    envs = [make_env(source.eval_env) for _ in range(config.eval_episodes * len(config.target_returns))]
-    env_state_dim, env_action_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
-    if (env_state_dim, env_action_dim) != (state_dim, action_dim):
+    envs = EvalEnvs(functools.partial(make_env, source.eval_env),
+                    config.eval_episodes * len(config.target_returns), config.eval_workers)
+    if (envs.state_dim, envs.action_dim) != (state_dim, action_dim):
+        envs.close()
         raise UserError(f"dataset has state/action sizes {state_dim}/{action_dim} but env {source.eval_env} "
-                        f"has {env_state_dim}/{env_action_dim}; set eval_env to the env the data came from")
+                        f"has {envs.state_dim}/{envs.action_dim}; set eval_env to the env the data came from")
 
     run_name = f"{config.name}-{config.env_name}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}"
     run_dir = Path(config.runs_dir) / run_name
@@ -711,8 +823,7 @@ def train(config: TrainConfig) -> Dict[str, float]:
         }, path)
         print(f"checkpoint written to {path}")
     logger.finish()
-    for env in envs:
-        env.close()
+    envs.close()
     return metrics
 
 

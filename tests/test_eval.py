@@ -16,8 +16,9 @@ class RecordingDT(dt.DecisionTransformer):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def forward(self, states, actions, returns_to_go, timesteps, padding_mask=None):
-        out = super().forward(states, actions, returns_to_go, timesteps, padding_mask)
+    def forward(self, states, actions, returns_to_go, timesteps, padding_mask=None, last_only=False):
+        out = super().forward(states, actions, returns_to_go, timesteps, padding_mask, last_only)
+        assert last_only  # evaluation asks only for the action it takes
         self.calls.append({k: v.clone() for k, v in dict(states=states, actions=actions, returns=returns_to_go,
                                                             timesteps=timesteps, out=out).items()})
         return out
@@ -37,6 +38,10 @@ class StrictEnv(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def strict_hopper():
+    return StrictEnv(dt.make_env("Hopper-v4"))
+
+
 def hopper_model(cls=dt.DecisionTransformer, seq_len=4, episode_len=40, gain=5.0):
     torch.manual_seed(0)
     model = cls(11, 3, seq_len=seq_len, episode_len=episode_len, embedding_dim=32, num_layers=2, num_heads=2)
@@ -49,7 +54,7 @@ def test_return_to_go_bookkeeping_and_context_window():
     K, scale, target = 4, 0.01, 3600.0
     model = hopper_model(RecordingDT, seq_len=K, episode_len=40).train()
     mean, std = np.full(11, 0.1, np.float32), np.full(11, 2.0, np.float32)
-    result = dt.evaluate(model, [StrictEnv(dt.make_env("Hopper-v4"))], (target,), 1, 42, mean, std, scale, CPU)
+    result = dt.evaluate(model, dt.EvalEnvs(strict_hopper, 1), (target,), 1, 42, mean, std, scale, CPU)
     assert model.training  # evaluation restores the mode it found
 
     # replay the actions the model chose in a fresh env with the same seed
@@ -57,7 +62,7 @@ def test_return_to_go_bookkeeping_and_context_window():
     obs, _ = env.reset(seed=42)
     observations, rewards = [obs], []
     for call in model.calls:
-        obs, reward, terminated, truncated, _ = env.step(call["out"][0, -1].numpy())
+        obs, reward, terminated, truncated, _ = env.step(call["out"][0].numpy())
         observations.append(obs)
         rewards.append(reward)
     assert terminated or truncated or len(model.calls) == 40  # the episode ran to its natural end
@@ -70,31 +75,50 @@ def test_return_to_go_bookkeeping_and_context_window():
         expected_states = (np.asarray([observations[i] for i in window]) - mean) / std
         np.testing.assert_allclose(call["states"][0].numpy(), expected_states, rtol=1e-5, atol=1e-5)
         assert (call["actions"][0, -1] == 0).all()  # placeholder for the action being chosen
-        previous = [model.calls[i]["out"][0, -1].numpy() for i in window][:-1]
+        previous = [model.calls[i]["out"][0].numpy() for i in window][:-1]
         if previous:
             np.testing.assert_allclose(call["actions"][0, :-1].numpy(), np.asarray(previous), rtol=1e-6)
     assert result[target][0] == pytest.approx(sum(rewards))
 
 
 def test_batched_evaluation_equals_one_episode_at_a_time():
-    model = hopper_model(episode_len=60)
+    model = hopper_model(RecordingDT, episode_len=60)
     targets, episodes, seed = (3600.0, 1800.0), 3, 7
     zeros, ones = np.zeros(11, np.float32), np.ones(11, np.float32)
-    envs = [StrictEnv(dt.make_env("Hopper-v4")) for _ in range(len(targets) * episodes)]
+    envs = dt.EvalEnvs(strict_hopper, len(targets) * episodes)
     batched = dt.evaluate(model, envs, targets, episodes, seed, zeros, ones, 0.001, CPU)
-    lengths = [int(round(e.unwrapped.data.time / e.unwrapped.dt)) for e in envs]
-    assert len(set(lengths)) > 1  # episodes really ended at different steps and left the batch
-    for target in targets:
+    batch_sizes = [len(call["out"]) for call in model.calls]
+    assert batch_sizes[0] == 6 and len(set(batch_sizes)) > 1  # episodes ended at different steps and left the batch
+    batched_actions = [call["out"] for call in model.calls[:10]]
+    for j, target in enumerate(targets):
         for i in range(episodes):
-            alone = dt.evaluate(model, [dt.make_env("Hopper-v4")], (target,), 1, seed + i, zeros, ones, 0.001, CPU)
+            model.calls.clear()
+            alone = dt.evaluate(model, dt.EvalEnvs(strict_hopper, 1), (target,), 1, seed + i, zeros, ones, 0.001, CPU)
             assert batched[target][i] == pytest.approx(alone[target][0], rel=1e-6)
+            for t in range(10):  # the same actions, step by step
+                torch.testing.assert_close(model.calls[t]["out"][0], batched_actions[t][j * episodes + i], rtol=1e-5, atol=1e-6)
+
+
+def test_worker_processes_give_the_same_results():
+    model = hopper_model(episode_len=60)
+    args = ((3600.0, 1800.0), 3, 11, np.zeros(11, np.float32), np.ones(11, np.float32), 0.001, CPU)
+    in_process = dt.evaluate(model, dt.EvalEnvs(strict_hopper, 6), *args)
+    envs = dt.EvalEnvs(strict_hopper, 6, workers=2)
+    try:
+        with_workers = dt.evaluate(model, envs, *args)
+        again = dt.evaluate(model, envs, *args)  # the pool is reused across evaluations
+    finally:
+        envs.close()
+    for target in (3600.0, 1800.0):
+        np.testing.assert_array_equal(with_workers[target], in_process[target])
+        np.testing.assert_array_equal(again[target], in_process[target])
 
 
 def test_eval_seed_makes_evaluation_repeatable():
     model = hopper_model()
     args = ((3600.0,), 2, 5, np.zeros(11, np.float32), np.ones(11, np.float32), 0.001, CPU)
-    first = dt.evaluate(model, [dt.make_env("Hopper-v4") for _ in range(2)], *args)
-    second = dt.evaluate(model, [dt.make_env("Hopper-v4") for _ in range(2)], *args)
+    first = dt.evaluate(model, dt.EvalEnvs(strict_hopper, 2), *args)
+    second = dt.evaluate(model, dt.EvalEnvs(strict_hopper, 2), *args)
     np.testing.assert_array_equal(first[3600.0], second[3600.0])
     assert first[3600.0][0] != first[3600.0][1]  # different episodes start from different seeds
 

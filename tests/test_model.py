@@ -113,3 +113,19 @@ def test_a_few_hundred_steps_on_a_fixed_batch_drive_the_loss_down():
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
     assert np.isfinite(losses).all()
+
+
+def test_last_only_equals_last_step_of_full_forward():
+    model = small_model(num_layers=3)
+    states, actions, returns, timesteps = random_inputs(model, batch=4)
+    full = model(states, actions, returns, timesteps)
+    for steps in (1, 2, 6):
+        last = model(states[:, :steps], actions[:, :steps], returns[:, :steps], timesteps[:, :steps], last_only=True)
+        torch.testing.assert_close(last, model(states[:, :steps], actions[:, :steps], returns[:, :steps],
+                                               timesteps[:, :steps])[:, -1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(states, actions, returns, timesteps, last_only=True), full[:, -1], rtol=1e-5, atol=1e-6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, :2] = False  # left padding, as an evaluation with a mask would use
+    padded = model(states, actions, returns, timesteps, padding_mask=mask, last_only=True)
+    alone = model(states[:, 2:], actions[:, 2:], returns[:, 2:], timesteps[:, 2:], last_only=True)
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-6)

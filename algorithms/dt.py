@@ -116,8 +116,8 @@ class TrainConfig:
     ref_max_score: Optional[float] = None
     # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
     runs_dir: str = "runs"
-    # worker processes that step the evaluation envs (0: step them in the training process)
-    eval_workers: int = 0
+    # worker processes that step the evaluation envs; 0: in the training process; -1: one per CPU core, at most one per 16 envs
+    eval_workers: int = -1
     # log train_loss (mean over the interval) and learning_rate every log_every steps
     log_every: int = 100
 
@@ -143,8 +143,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError("target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'")
     if len(set(config.target_returns)) != len(config.target_returns):
         raise UserError(f"target_returns has repeated values {config.target_returns}; give each target once")
-    if config.eval_workers < 0:
-        raise UserError(f"eval_workers must be >= 0 (0 steps envs in the training process), got {config.eval_workers}")
+    if config.eval_workers < -1:
+        raise UserError(f"eval_workers must be -1 (auto), 0 (in-process) or a number of processes, got {config.eval_workers}")
     if config.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
 
@@ -505,11 +505,11 @@ def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-def make_env(env_id: str) -> gym.Env:
+def make_env(env_id: str, **kwargs: Any) -> gym.Env:
     try:
         with warnings.catch_warnings():  # -v4 is chosen on purpose: it matches the D4RL -v2 data
             warnings.filterwarnings("ignore", message=".*is out of date.*")
-            return gym.make(env_id)
+            return gym.make(env_id, **kwargs)
     except gym.error.Error as err:
         raise UserError(f"cannot create gymnasium env '{env_id}' ({err}); set eval_env to a valid env id") from None
 
@@ -528,6 +528,7 @@ def step_envs(envs: List[gym.Env], actions: np.ndarray) -> Tuple[np.ndarray, np.
 def _env_worker(conn: Any, make_env_fn: Callable[[], gym.Env], num_envs: int) -> None:
     """Holds num_envs envs in a worker process and answers reset/step requests for some of them."""
     envs = [make_env_fn() for _ in range(num_envs)]
+    conn.send(("ok", None))  # ready
     try:
         while True:
             command, local, data = conn.recv()
@@ -557,6 +558,9 @@ class EvalEnvs:
     def __init__(self, make_env_fn: Callable[[], gym.Env], num_envs: int, workers: int = 0):
         probe = make_env_fn()
         self.state_dim, self.action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+        if workers == -1:  # measured: worth it from ~16 envs a worker; also keeps the model's cache warm
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            workers = min(cores, num_envs // 16)
         self.num_envs, self.workers = num_envs, min(workers, num_envs)
         if self.workers == 0:
             self.envs = [probe] + [make_env_fn() for _ in range(num_envs - 1)]
@@ -570,6 +574,8 @@ class EvalEnvs:
             context.Process(target=_env_worker, args=(child, make_env_fn, count), daemon=True).start()
             child.close()
             self.pipes.append(parent)
+        for pipe in self.pipes:  # wait until every worker has built its envs
+            pipe.recv()
 
     def _ask(self, command: str, episodes: np.ndarray, data: np.ndarray) -> List[Any]:
         """Send each worker its part of the request, then gather the answers in the order of episodes."""

@@ -112,6 +112,7 @@ def test_worker_processes_give_the_same_results():
     for target in (3600.0, 1800.0):
         np.testing.assert_array_equal(with_workers[target], in_process[target])
         np.testing.assert_array_equal(again[target], in_process[target])
+    assert dt.EvalEnvs(strict_hopper, 4, workers=-1).workers == 0  # auto: no worker for a handful of envs
 
 
 def test_eval_seed_makes_evaluation_repeatable():

@@ -1,0 +1,162 @@
+"""Evaluation speed: dt.evaluate() (every episode of every target in one batch) against the
+one-episode-at-a-time rollout of the public baseline, on Hopper-v4 with the default-size model.
+
+    python benchmarks/eval_speed.py                      # 100 episodes x 2 targets x 1000 steps
+    python benchmarks/eval_speed.py --workers 0 2 4      # also compare env worker processes
+
+Prints figures, asserts nothing. Every episode runs the full horizon: the envs are made with
+`terminate_when_unhealthy=False`, so no episode ends early whatever the (untrained) model does; the
+simulation and the forward pass cost the same per step as with a model that keeps the hopper alive.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
+import dt  # noqa: E402
+
+
+def make_long_hopper() -> gym.Env:
+    return dt.make_env("Hopper-v4", terminate_when_unhealthy=False)
+
+
+class TimedDT(dt.DecisionTransformer):
+    """The real model, timing each forward pass and counting its FLOPs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seconds, self.flops, self.calls = 0.0, 0.0, 0
+
+    def forward(self, states, actions, returns_to_go, timesteps, padding_mask=None, last_only=False):
+        start = time.perf_counter()
+        out = super().forward(states, actions, returns_to_go, timesteps, padding_mask, last_only)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        self.flops += forward_flops(self, states.shape[0], states.shape[1], last_only)
+        self.calls += 1
+        return out
+
+
+def forward_flops(model: dt.DecisionTransformer, batch: int, steps: int, last_only: bool) -> float:
+    """Multiply-adds x 2 of one forward pass; causal attention counts only the scores it needs."""
+    E, S, A = model.timestep_emb.embedding_dim, model.state_dim, model.action_dim
+    L = 3 * steps - 1 if last_only else 3 * steps
+    embed = 2 * steps * (S + A + 1) * E
+    causal_pairs = L * (L + 1) / 2
+    full_block = 2 * L * E * 3 * E + 4 * causal_pairs * E + 2 * L * E * E + 2 * L * E * 8 * E
+    last_block = 2 * E * E + 2 * L * E * 2 * E + 4 * L * E + 2 * E * E + 2 * E * 8 * E
+    blocks = len(model.blocks)
+    per_sample = embed + (blocks - 1) * full_block + (last_block if last_only else full_block)
+    per_sample += 2 * E * A * (1 if last_only else steps)
+    return batch * per_sample
+
+
+class TimedEnvs(dt.EvalEnvs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seconds, self.steps = 0.0, 0
+
+    def step(self, episodes, actions):
+        start = time.perf_counter()
+        out = super().step(episodes, actions)
+        self.seconds += time.perf_counter() - start
+        self.steps += len(episodes)
+        return out
+
+
+@torch.no_grad()
+def one_at_a_time(model: dt.DecisionTransformer, env: gym.Env, target: float, seed: int, reward_scale: float,
+                  device: torch.device) -> int:
+    """The public baseline's rollout: batch of one, full-sequence forward, history of the whole episode."""
+    T, K = model.episode_len, model.seq_len
+    states = torch.zeros(1, T + 1, model.state_dim, device=device)
+    actions = torch.zeros(1, T, model.action_dim, device=device)
+    returns = torch.zeros(1, T + 1, device=device)
+    timesteps = torch.arange(T, device=device)[None]
+    states[:, 0] = torch.as_tensor(env.reset(seed=seed)[0], device=device)
+    returns[:, 0] = target * reward_scale
+    for step in range(T):
+        predicted = model(states[:, :step + 1][:, -K:], actions[:, :step + 1][:, -K:],
+                          returns[:, :step + 1][:, -K:], timesteps[:, :step + 1][:, -K:])
+        action = predicted[0, -1].cpu().numpy()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        actions[:, step] = torch.as_tensor(action, device=device)
+        states[:, step + 1] = torch.as_tensor(obs, device=device)
+        returns[:, step + 1] = returns[:, step] - reward * reward_scale
+        if terminated or truncated:
+            return step + 1
+    return T
+
+
+def matmul_peak(tokens: int, dim: int, device: torch.device, dtype=torch.float32, repeats: int = 10) -> float:
+    """Best FLOP/s of a plain (tokens x E) @ (E x 4E) matmul, the model's MLP shape."""
+    a = torch.randn(tokens, dim, device=device, dtype=dtype)
+    b = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(5):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / 5)
+    return 2 * tokens * dim * 4 * dim / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=100, help="episodes per target")
+    parser.add_argument("--targets", type=float, nargs="+", default=[3600.0, 1800.0])
+    parser.add_argument("--horizon", type=int, default=1000, help="episode_len")
+    parser.add_argument("--single_episodes", type=int, default=2, help="episodes timed on the one-at-a-time path")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0], help="eval_workers values to time")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = dt.resolve_device(args.device)
+    torch.manual_seed(0)
+    model = TimedDT(11, 3, episode_len=args.horizon).to(device).eval()  # default size: E=128, 3 layers, K=20
+    num = args.episodes * len(args.targets)
+    mean, std = np.zeros(11, np.float32), np.ones(11, np.float32)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, Hopper-v4, {num} episodes x {args.horizon} steps")
+
+    env = make_long_hopper()
+    model.seconds = model.flops = model.calls = 0
+    start, steps = time.perf_counter(), 0
+    for i in range(args.single_episodes):
+        steps += one_at_a_time(model, env, args.targets[0], 42 + i, 0.001, device)
+    single_time = time.perf_counter() - start
+    single_rate = steps / single_time
+    print(f"one at a time: {steps} steps in {single_time:.1f} s = {single_rate:.0f} episode-steps/s "
+          f"(forward {model.seconds / single_time:.0%} of the time)")
+
+    peak = matmul_peak(num * (3 * model.seq_len - 1), model.timestep_emb.embedding_dim, device)
+    rows = []
+    for workers in args.workers:
+        envs = TimedEnvs(make_long_hopper, num, workers)
+        model.seconds = model.flops = model.calls = 0
+        start = time.perf_counter()
+        dt.evaluate(model, envs, tuple(args.targets), args.episodes, 42, mean, std, 0.001, device)
+        total = time.perf_counter() - start
+        envs.close()
+        rate = envs.steps / total
+        rows.append((workers, rate, rate / single_rate, model.seconds / total, envs.seconds / total,
+                     model.flops / model.seconds))
+        print(f"batched, eval_workers={workers}: {envs.steps} steps in {total:.1f} s", flush=True)
+
+    print(f"\nmatmul peak ({num * (3 * model.seq_len - 1)}x128 @ 128x512, fp32): {peak / 1e9:.1f} GFLOP/s")
+    print("| eval_workers | batched episode-steps/s | one-at-a-time episode-steps/s | ratio | forward | env step | other | forward GFLOP/s (% of matmul peak) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workers, rate, ratio, fwd, env_share, flops in rows:
+        print(f"| {workers} | {rate:.0f} | {single_rate:.0f} | {ratio:.1f}x | {fwd:.0%} | {env_share:.0%} | "
+              f"{1 - fwd - env_share:.0%} | {flops / 1e9:.1f} ({flops / peak:.0%}) |")
+
+
+if __name__ == "__main__":
+    main()

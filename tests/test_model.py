@@ -129,3 +129,40 @@ def test_last_only_equals_last_step_of_full_forward():
     padded = model(states, actions, returns, timesteps, padding_mask=mask, last_only=True)
     alone = model(states[:, 2:], actions[:, 2:], returns[:, 2:], timesteps[:, 2:], last_only=True)
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-6)
+
+
+def explicit_attention(module, x, allowed):
+    """softmax(Q K^T / sqrt(d)) V with disallowed scores at -inf, heads split and merged by hand."""
+    batch, length, dim = x.shape
+    heads = module.num_heads
+    q, k, v = (x @ module.qkv.weight.T + module.qkv.bias).split(dim, dim=-1)
+    split = lambda t: t.reshape(batch, length, heads, dim // heads).transpose(1, 2)  # noqa: E731
+    scores = split(q) @ split(k).transpose(-1, -2) / (dim // heads) ** 0.5
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    y = (weights @ split(v)).transpose(1, 2).reshape(batch, length, dim)
+    return y @ module.proj.weight.T + module.proj.bias
+
+
+def test_fused_attention_matches_explicit_reference():
+    torch.manual_seed(0)
+    attention = dt.CausalSelfAttention(16, num_heads=2, attention_dropout=0.0).eval()
+    for p in attention.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 9, 16)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    torch.testing.assert_close(attention(x, None), explicit_attention(attention, x, causal), rtol=1e-5, atol=1e-5)
+    keys = torch.ones(3, 9, dtype=torch.bool)
+    keys[0, 6:] = False
+    keys[2, 2:] = False
+    allowed = (causal & keys[:, None, :])[:, None]  # [B, 1, L, L]
+    torch.testing.assert_close(attention(x, allowed), explicit_attention(attention, x, allowed), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(x, allowed, last_only=True)[:, 0],
+                               explicit_attention(attention, x, allowed)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_acts_on_attention_weights_in_training_only():
+    torch.manual_seed(0)
+    attention = dt.CausalSelfAttention(16, num_heads=1, attention_dropout=0.5)
+    x = torch.randn(2, 7, 16)
+    assert not torch.allclose(attention.train()(x, None), attention(x, None))  # random masks differ
+    torch.testing.assert_close(attention.eval()(x, None), attention(x, None))

@@ -116,6 +116,14 @@ class TrainConfig:
     ref_max_score: Optional[float] = None
     # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
     runs_dir: str = "runs"
+    # torch.compile the model for training (evaluation stays eager: its shapes change every step)
+    compile: bool = False
+    # bf16 autocast for training on CUDA (ignored on CPU)
+    bf16: bool = False
+    # fused AdamW kernel on CUDA (ignored on CPU)
+    fused_adamw: bool = True
+    # windows per forward/backward chunk, gradients summed over the batch; 0: whole batch on GPU, 64 on CPU
+    micro_batch: int = 0
     # worker processes that step the evaluation envs; 0: in the training process; -1: one per CPU core, at most one per 16 envs
     eval_workers: int = -1
     # log train_loss (mean over the interval) and learning_rate every log_every steps
@@ -143,6 +151,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError("target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'")
     if len(set(config.target_returns)) != len(config.target_returns):
         raise UserError(f"target_returns has repeated values {config.target_returns}; give each target once")
+    if config.micro_batch < 0:
+        raise UserError(f"micro_batch must be >= 0 (0: automatic), got {config.micro_batch}")
     if config.eval_workers < -1:
         raise UserError(f"eval_workers must be -1 (auto), 0 (in-process) or a number of processes, got {config.eval_workers}")
     if config.warmup_steps < 0:
@@ -496,10 +506,14 @@ class DecisionTransformer(nn.Module):
         return self.action_head(x[:, 1::3]) * self.max_action  # action of step t from the s_t token
 
 
-def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over real steps only (the baseline also divides by padded entries)."""
+def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               real_entries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error over real steps only (the baseline also divides by padded entries).
+
+    real_entries: the denominator, when this is one chunk of a larger batch (default: this batch's).
+    """
     squared = ((predicted - target) ** 2).sum(-1) * mask
-    return squared.sum() / (mask.sum() * target.shape[-1])
+    return squared.sum() / (mask.sum() * target.shape[-1] if real_entries is None else real_entries)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,6 +755,54 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def build_training(config: TrainConfig, state_dim: int, action_dim: int,
+                   device: torch.device) -> Tuple[DecisionTransformer, torch.optim.Optimizer, Any]:
+    """The model, AdamW and the warm-up schedule of the config."""
+    model = DecisionTransformer(
+        state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
+        embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
+        attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
+        embedding_dropout=config.embedding_dropout, max_action=config.max_action,
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
+                                  weight_decay=config.weight_decay,
+                                  fused=config.fused_adamw and device.type == "cuda")  # one kernel for all params
+    warmup = max(config.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 1.0))
+    return model, optimizer, scheduler
+
+
+def forward_backward(model: nn.Module, batch: Tuple[torch.Tensor, ...], micro_batch: int, bf16: bool) -> torch.Tensor:
+    """Masked MSE of the batch and its gradient, computed micro_batch windows at a time.
+
+    Each chunk's squared errors are divided by the real entries of the *whole* batch, so the summed
+    gradients equal the full-batch gradient (up to float summation order); small chunks keep the
+    activations in cache on CPU. Returns the batch loss (detached).
+    """
+    states, actions, returns, timesteps, mask = batch
+    real_entries = mask.sum() * actions.shape[-1]
+    loss = torch.zeros((), device=states.device)
+    for start in range(0, len(states), micro_batch):
+        chunk = slice(start, start + micro_batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):  # matmuls in bf16, loss in fp32
+            predicted = model(states[chunk], actions[chunk], returns[chunk], timesteps[chunk], padding_mask=mask[chunk])
+        chunk_loss = masked_mse(predicted.float(), actions[chunk], mask[chunk], real_entries)
+        chunk_loss.backward()
+        loss += chunk_loss.detach()
+    return loss
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   clip_grad: Optional[float]) -> float:
+    """Clip, step, advance the schedule; returns the learning rate this update used."""
+    if clip_grad is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    learning_rate = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return learning_rate
+
+
 def train(config: TrainConfig) -> Dict[str, float]:
     """Train DT on config.env_name's dataset, evaluating every eval_every steps; returns the last metrics."""
     validate_config(config)
@@ -775,32 +837,19 @@ def train(config: TrainConfig) -> Dict[str, float]:
 
     set_seed(config.train_seed, config.deterministic_torch)
     sampler = WindowSampler(data, config.seq_len, device, seed=config.train_seed)
-    model = DecisionTransformer(
-        state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
-        embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
-        attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
-        embedding_dropout=config.embedding_dropout, max_action=config.max_action,
-    ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
-                                  weight_decay=config.weight_decay)
-    warmup = max(config.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 1.0))
+    model, optimizer, scheduler = build_training(config, state_dim, action_dim, device)
+    train_model = torch.compile(model) if config.compile else model  # evaluation runs the eager model
+    bf16 = config.bf16 and device.type == "cuda"
+    micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else 64)
 
     logger = RunLogger(config, run_name, run_dir)
     metrics: Dict[str, float] = {}
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on device: no sync per step
     progress = trange(1, config.update_steps + 1, desc="train", dynamic_ncols=True)
     for step in progress:
-        states, actions, returns, timesteps, mask = sampler.sample(config.batch_size)
-        predicted = model(states, actions, returns, timesteps, padding_mask=mask)
-        loss = masked_mse(predicted, actions, mask)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_grad is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-        learning_rate = optimizer.param_groups[0]["lr"]  # the rate this update used
-        optimizer.step()
-        scheduler.step()
+        loss = forward_backward(train_model, sampler.sample(config.batch_size), micro_batch, bf16)
+        learning_rate = optimizer_step(model, optimizer, scheduler, config.clip_grad)
         loss_sum += loss.detach()
         loss_count += 1
 

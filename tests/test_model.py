@@ -1,4 +1,6 @@
 """The transformer: causality, padding, action bound, parameter count, init, loss, optimisation."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,51 @@ def test_attention_dropout_acts_on_attention_weights_in_training_only():
     x = torch.randn(2, 7, 16)
     assert not torch.allclose(attention.train()(x, None), attention(x, None))  # random masks differ
     torch.testing.assert_close(attention.eval()(x, None), attention(x, None))
+
+
+def test_train_gives_the_loss_curve_of_a_plain_loop(tmp_path, hopper_file, monkeypatch):
+    """train() (compile and autocast off) computes exactly what a plain sample/forward/backward/step loop does."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = dt.TrainConfig(env_name="hopper-medium-v2", dataset_dir=str(hopper_file.parent), update_steps=12,
+                            eval_every=12, log_every=1, batch_size=8, seq_len=5, episode_len=100, embedding_dim=32,
+                            num_layers=2, warmup_steps=4, learning_rate=1e-3, eval_episodes=1, target_returns=(100.0,),
+                            runs_dir=str(tmp_path), device="cpu", eval_workers=0)
+    dt.train(config)
+    (metrics_file,) = tmp_path.glob("*/metrics.jsonl")
+    logged = [json.loads(line)["train_loss"] for line in metrics_file.read_text().splitlines() if "train_loss" in line]
+
+    data = dt.prepare_data(dt.load_d4rl_hdf5(hopper_file), config.reward_scale)
+    dt.set_seed(config.train_seed)
+    sampler = dt.WindowSampler(data, config.seq_len, torch.device("cpu"), seed=config.train_seed)
+    model = dt.DecisionTransformer(11, 3, seq_len=5, episode_len=100, embedding_dim=32, num_layers=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / 4, 1.0))
+    plain = []
+    for _ in range(12):
+        states, actions, returns, timesteps, mask = sampler.sample(8)
+        loss = dt.masked_mse(model(states, actions, returns, timesteps, mask), actions, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+        scheduler.step()
+        plain.append(loss.item())
+    np.testing.assert_allclose(logged, plain, rtol=1e-6)
+    assert plain[-1] < plain[0]
+
+
+def test_micro_batches_give_the_full_batch_loss_and_gradient():
+    model = small_model(attention_dropout=0.0, residual_dropout=0.0, embedding_dropout=0.0).train()
+    states, actions, returns, timesteps = random_inputs(model, batch=10)
+    mask = torch.ones(10, 6, dtype=torch.bool)
+    mask[3, 2:] = False
+    mask[7, 4:] = False
+    batch = (states, actions, returns, timesteps, mask)
+    full = dt.masked_mse(model(states, actions, returns, timesteps, mask), actions, mask)
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = dt.forward_backward(model, batch, micro_batch=3, bf16=False)  # chunks of 3, 3, 3, 1
+    torch.testing.assert_close(loss, full.detach(), rtol=1e-6, atol=1e-7)
+    for grad, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)

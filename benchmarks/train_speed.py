@@ -1,0 +1,137 @@
+"""Training speed of algorithms/dt.py: dataset load time, updates per second, where the time goes, MFU.
+
+    python benchmarks/train_speed.py                           # batch 64 and 4096 on the default device
+    python benchmarks/train_speed.py --batch_sizes 4096 --bf16 --compile --device cuda
+
+Prints figures, asserts nothing. MFU = model FLOPs per update (counted analytically, printed) x updates
+per second / peak, where peak is the best rate this script measures for a plain matmul of the model's MLP
+shape, (tokens x E) @ (E x 4E), in the training dtype, at the same thread count.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
+import dt  # noqa: E402
+
+
+def write_synthetic_d4rl(path: Path, transitions: int, state_dim: int = 17, action_dim: int = 6) -> None:
+    """A D4RL-layout file of the given size: 1000-step trajectories ending in timeouts, a few terminals."""
+    rng = np.random.default_rng(0)
+    timeouts = np.zeros(transitions, bool)
+    timeouts[999::1000] = True
+    terminals = np.zeros(transitions, bool)
+    terminals[rng.choice(transitions, transitions // 5000, replace=False)] = True
+    timeouts &= ~terminals
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.standard_normal((transitions, state_dim), dtype=np.float32)
+        f["next_observations"] = rng.standard_normal((transitions, state_dim), dtype=np.float32)
+        f["actions"] = rng.uniform(-1, 1, (transitions, action_dim)).astype(np.float32)
+        f["rewards"] = rng.standard_normal(transitions, dtype=np.float32)
+        f["terminals"] = terminals
+        f["timeouts"] = timeouts
+
+
+def update_flops(model: dt.DecisionTransformer, batch: int) -> float:
+    """Forward + backward (3x forward) FLOPs of one update; causal attention counts the scores it needs."""
+    E, S, A, K = model.timestep_emb.embedding_dim, model.state_dim, model.action_dim, model.seq_len
+    L = 3 * K
+    embed = 2 * K * (S + A + 1) * E
+    block = 2 * L * E * 3 * E + 4 * (L * (L + 1) / 2) * E + 2 * L * E * E + 2 * L * E * 8 * E
+    head = 2 * K * E * A
+    return 3 * batch * (embed + len(model.blocks) * block + head)
+
+
+def matmul_peak(tokens: int, dim: int, device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    a = torch.randn(tokens, dim, device=device, dtype=dtype)
+    b = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * tokens * dim * 4 * dim / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_updates(config: dt.TrainConfig, data: dt.OfflineData, device: torch.device, updates: int, warmup: int):
+    """Seconds per update for sampling, forward+backward and optimizer, using dt.py's own pieces."""
+    sampler = dt.WindowSampler(data, config.seq_len, device, seed=0)
+    model, optimizer, scheduler = dt.build_training(config, data.states.shape[1], data.actions.shape[1], device)
+    train_model = torch.compile(model) if config.compile else model
+    micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else 64)
+    totals = np.zeros(3)
+    for i in range(warmup + updates):
+        marks = [time.perf_counter()]
+        batch = sampler.sample(config.batch_size)
+        sync(device)
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        dt.forward_backward(train_model, batch, micro_batch, config.bf16 and device.type == "cuda")
+        sync(device)
+        marks.append(time.perf_counter())
+        dt.optimizer_step(model, optimizer, scheduler, config.clip_grad)
+        sync(device)
+        marks.append(time.perf_counter())
+        if i >= warmup:
+            totals += np.diff(marks)
+    return model, totals / updates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 4096])
+    parser.add_argument("--updates", type=int, nargs="+", default=[40, 3], help="timed updates per batch size")
+    parser.add_argument("--transitions", type=int, default=2_000_000, help="size of the synthetic dataset")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--micro_batch", type=int, default=0, help="0: dt.py's automatic choice")
+    args = parser.parse_args()
+    device = dt.resolve_device(args.device)
+    dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
+    print(f"device {device}, torch threads {torch.get_num_threads()}, compile {args.compile}, dtype {dtype}, "
+          f"micro_batch {args.micro_batch or 'auto'}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic.hdf5"
+        write_synthetic_d4rl(path, args.transitions)
+        start = time.perf_counter()
+        data = dt.prepare_data(dt.load_d4rl_hdf5(path), reward_scale=0.001)
+        load_seconds = time.perf_counter() - start
+    print(f"load + cut + returns-to-go + normalise, {args.transitions} transitions "
+          f"({len(data.traj_lengths)} trajectories): {load_seconds:.2f} s")
+
+    rows = []
+    for batch_size, updates in zip(args.batch_sizes, args.updates + args.updates[-1:] * len(args.batch_sizes)):
+        config = dt.TrainConfig(batch_size=batch_size, compile=args.compile, bf16=args.bf16, warmup_steps=100,
+                                micro_batch=args.micro_batch)
+        model, seconds = time_updates(config, data, device, updates, warmup=3 if not args.compile else 5)
+        step = seconds.sum()
+        flops = update_flops(model, batch_size)
+        peak = matmul_peak(batch_size * 3 * config.seq_len, config.embedding_dim, device, dtype)
+        rows.append((batch_size, 1 / step, seconds / step, flops, peak, flops / step / peak))
+        print(f"batch {batch_size}: {1 / step:.2f} updates/s", flush=True)
+
+    print("\n| batch | updates/s | sampling | forward+backward | optimizer | GFLOP/update | peak GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch_size, rate, split, flops, peak, mfu in rows:
+        print(f"| {batch_size} | {rate:.2f} | {split[0]:.1%} | {split[1]:.1%} | {split[2]:.1%} | "
+              f"{flops / 1e9:.2f} | {peak / 1e9:.0f} | {mfu:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,10 +14,8 @@ import multiprocessing as mp
 import netrc
 import os
 import random
-import re
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request

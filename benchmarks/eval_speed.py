@@ -12,7 +12,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import gymnasium as gym
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
 import dt  # noqa: E402
+from flops import forward_flops, matmul_peak  # noqa: E402
 
 
 def make_long_hopper() -> gym.Env:
@@ -42,20 +42,6 @@ class TimedDT(dt.DecisionTransformer):
         self.flops += forward_flops(self, states.shape[0], states.shape[1], last_only)
         self.calls += 1
         return out
-
-
-def forward_flops(model: dt.DecisionTransformer, batch: int, steps: int, last_only: bool) -> float:
-    """Multiply-adds x 2 of one forward pass; causal attention counts only the scores it needs."""
-    E, S, A = model.timestep_emb.embedding_dim, model.state_dim, model.action_dim
-    L = 3 * steps - 1 if last_only else 3 * steps
-    embed = 2 * steps * (S + A + 1) * E
-    causal_pairs = L * (L + 1) / 2
-    full_block = 2 * L * E * 3 * E + 4 * causal_pairs * E + 2 * L * E * E + 2 * L * E * 8 * E
-    last_block = 2 * E * E + 2 * L * E * 2 * E + 4 * L * E + 2 * E * E + 2 * E * 8 * E
-    blocks = len(model.blocks)
-    per_sample = embed + (blocks - 1) * full_block + (last_block if last_only else full_block)
-    per_sample += 2 * E * A * (1 if last_only else steps)
-    return batch * per_sample
 
 
 class TimedEnvs(dt.EvalEnvs):
@@ -93,21 +79,6 @@ def one_at_a_time(model: dt.DecisionTransformer, env: gym.Env, target: float, se
         if terminated or truncated:
             return step + 1
     return T
-
-
-def matmul_peak(tokens: int, dim: int, device: torch.device, dtype=torch.float32, repeats: int = 10) -> float:
-    """Best FLOP/s of a plain (tokens x E) @ (E x 4E) matmul, the model's MLP shape."""
-    a = torch.randn(tokens, dim, device=device, dtype=dtype)
-    b = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(5):
-            torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / 5)
-    return 2 * tokens * dim * 4 * dim / best
 
 
 def main() -> None:

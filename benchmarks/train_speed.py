@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
 import dt  # noqa: E402
+from flops import matmul_peak, sync, update_flops  # noqa: E402
 
 
 def write_synthetic_d4rl(path: Path, transitions: int, state_dim: int = 17, action_dim: int = 6) -> None:
@@ -36,35 +37,6 @@ def write_synthetic_d4rl(path: Path, transitions: int, state_dim: int = 17, acti
         f["rewards"] = rng.standard_normal(transitions, dtype=np.float32)
         f["terminals"] = terminals
         f["timeouts"] = timeouts
-
-
-def update_flops(model: dt.DecisionTransformer, batch: int) -> float:
-    """Forward + backward (3x forward) FLOPs of one update; causal attention counts the scores it needs."""
-    E, S, A, K = model.timestep_emb.embedding_dim, model.state_dim, model.action_dim, model.seq_len
-    L = 3 * K
-    embed = 2 * K * (S + A + 1) * E
-    block = 2 * L * E * 3 * E + 4 * (L * (L + 1) / 2) * E + 2 * L * E * E + 2 * L * E * 8 * E
-    head = 2 * K * E * A
-    return 3 * batch * (embed + len(model.blocks) * block + head)
-
-
-def matmul_peak(tokens: int, dim: int, device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
-    a = torch.randn(tokens, dim, device=device, dtype=dtype)
-    b = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(3):
-            torch.mm(a, b)
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / 3)
-    return 2 * tokens * dim * 4 * dim / best
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_updates(config: dt.TrainConfig, data: dt.OfflineData, device: torch.device, updates: int, warmup: int):

@@ -99,7 +99,6 @@ def test_masked_mse_is_mean_over_real_entries():
 def test_a_few_hundred_steps_on_a_fixed_batch_drive_the_loss_down():
     model = small_model(embedding_dim=32, num_layers=1, num_heads=1, attention_dropout=0.0,
                         residual_dropout=0.0, embedding_dropout=0.0).train()
-    g = torch.Generator().manual_seed(0)
     states, _, returns, timesteps = random_inputs(model, batch=16)
     target_actions = torch.tanh(states[..., :2] + 0.5 * returns[..., None])  # a learnable target
     mask = torch.ones(16, 6, dtype=torch.bool)

@@ -1,0 +1,46 @@
+"""FLOP counting and the matmul peak that both benchmarks compare against."""
+import time
+
+import torch
+
+import dt
+
+
+def forward_flops(model: dt.DecisionTransformer, batch: int, steps: int, last_only: bool) -> float:
+    """Multiply-adds x 2 of one forward pass; causal attention counts only the scores it needs."""
+    E, S, A = model.timestep_emb.embedding_dim, model.state_dim, model.action_dim
+    L = 3 * steps - 1 if last_only else 3 * steps
+    embed = 2 * steps * (S + A + 1) * E
+    causal_pairs = L * (L + 1) / 2
+    full_block = 2 * L * E * 3 * E + 4 * causal_pairs * E + 2 * L * E * E + 2 * L * E * 8 * E
+    last_block = 2 * E * E + 2 * L * E * 2 * E + 4 * L * E + 2 * E * E + 2 * E * 8 * E
+    blocks = len(model.blocks)
+    per_sample = embed + (blocks - 1) * full_block + (last_block if last_only else full_block)
+    per_sample += 2 * E * A * (1 if last_only else steps)
+    return batch * per_sample
+
+
+def update_flops(model: dt.DecisionTransformer, batch: int) -> float:
+    """Forward + backward (3x the full-sequence forward) FLOPs of one training update."""
+    return 3 * forward_flops(model, batch, model.seq_len, last_only=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(tokens: int, dim: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                repeats: int = 10) -> float:
+    """Best FLOP/s of a plain (tokens x E) @ (E x 4E) matmul, the model's MLP shape."""
+    a = torch.randn(tokens, dim, device=device, dtype=dtype)
+    b = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * tokens * dim * 4 * dim / best

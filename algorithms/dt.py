@@ -848,7 +848,7 @@ def train(config: TrainConfig) -> Dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(train_model, sampler.sample(config.batch_size), micro_batch, bf16)
         learning_rate = optimizer_step(model, optimizer, scheduler, config.clip_grad)
-        loss_sum += loss.detach()
+        loss_sum += loss
         loss_count += 1
 
         if step % config.log_every == 0 or step == config.update_steps:
@@ -860,10 +860,10 @@ def train(config: TrainConfig) -> Dict[str, float]:
         if step % config.eval_every == 0 or step == config.update_steps:
             results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
                                data.state_mean, data.state_std, config.reward_scale, device)
-            eval_metrics_ = eval_metrics(results, source.ref_min_score, source.ref_max_score)
-            logger.log(eval_metrics_, step=step)
-            metrics.update(eval_metrics_)
-            tqdm.write(format_eval_table(step, eval_metrics_, config.target_returns))
+            scores = eval_metrics(results, source.ref_min_score, source.ref_max_score)
+            logger.log(scores, step=step)
+            metrics.update(scores)
+            tqdm.write(format_eval_table(step, scores, config.target_returns))
 
     if config.checkpoints_path is not None:
         path = Path(config.checkpoints_path) / run_name / "checkpoint.pt"

@@ -13,7 +13,10 @@ import json
 import multiprocessing as mp
 import netrc
 import os
+import math
 import random
+import shutil
+import signal
 import sys
 import tempfile
 import urllib.error
@@ -32,7 +35,7 @@ import pyrallis
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm, trange
+from tqdm.auto import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ class TrainConfig:
     eval_episodes: int = 100
     # evaluation frequency, will evaluate every eval_every training steps and after the last one
     eval_every: int = 10_000
-    # path for checkpoints saving, optional (a subfolder per run is created)
+    # folder for checkpoints (latest.pt, best.pt), a subfolder per run; when unset, the run folder
     checkpoints_path: Optional[str] = None
     # configure PyTorch to use deterministic algorithms instead of nondeterministic ones
     deterministic_torch: bool = False
@@ -126,6 +129,10 @@ class TrainConfig:
     eval_workers: int = -1
     # log train_loss (mean over the interval) and learning_rate every log_every steps
     log_every: int = 100
+    # this run's folder (default: a new one in runs_dir); a folder that holds a run is resumed from its latest.pt
+    run_dir: Optional[str] = None
+    # evaluate this checkpoint (.pt file or run folder) with the eval_* and target_returns given, then exit
+    eval_checkpoint: Optional[str] = None
 
 
 class UserError(Exception):
@@ -155,6 +162,9 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"eval_workers must be -1 (auto), 0 (in-process) or a number of processes, got {config.eval_workers}")
     if config.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    if config.warmup_steps > config.update_steps:
+        print(f"warning: warmup_steps ({config.warmup_steps}) > update_steps ({config.update_steps}): "
+              "the learning rate never reaches learning_rate", file=sys.stderr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -223,8 +233,11 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
         path, url = Path(config.dataset_path).expanduser(), None
         if not path.is_file():
             raise UserError(f"dataset_path '{path}' does not exist; point it to a D4RL-layout HDF5 file")
-        with h5py.File(path, "r") as f:  # the dataset tool stores env id and reference scores as attributes
-            attrs = dict(f.attrs)
+        try:
+            with h5py.File(path, "r") as f:  # the dataset tool stores env id and reference scores as attributes
+                attrs = dict(f.attrs)
+        except OSError as err:
+            raise UserError(f"cannot read {path} as HDF5 ({err}); fix dataset_path") from None
     elif is_d4rl:
         name = d4rl_file_name(config.env_name)
         path, url, attrs = d4rl_dataset_dir(config) / name, D4RL_URL.format(file=name), {}
@@ -292,6 +305,9 @@ def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
     bad = [f"{k} has {len(v)}" for k, v in data.items() if len(v) != n]
     if bad:
         raise UserError(f"{path}: arrays differ in length (rewards has {n}, {', '.join(bad)})")
+    if data["observations"].size == 0 or data["actions"].size == 0:
+        raise UserError(f"{path}: observations or actions have no features (shapes "
+                        f"{data['observations'].shape}, {data['actions'].shape}); expected [N, dim] arrays")
     for k in ("observations", "actions", "rewards"):
         if not np.isfinite(data[k]).all():
             raise UserError(f"{path}: '{k}' contains NaN or inf values")
@@ -523,7 +539,9 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
             warnings.filterwarnings("ignore", message=".*is out of date.*")
             return gym.make(env_id, **kwargs)
     except gym.error.Error as err:
-        raise UserError(f"cannot create gymnasium env '{env_id}' ({err}); set eval_env to a valid env id") from None
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "set eval_env to a registered gymnasium env id"
+        raise UserError(f"cannot create gymnasium env '{env_id}' ({err}); {hint}") from None
 
 
 def normalized_score(returns: np.ndarray, ref_min: float, ref_max: float) -> np.ndarray:
@@ -539,6 +557,7 @@ def step_envs(envs: List[gym.Env], actions: np.ndarray) -> Tuple[np.ndarray, np.
 
 def _env_worker(conn: Any, make_env_fn: Callable[[], gym.Env], num_envs: int) -> None:
     """Holds num_envs envs in a worker process and answers reset/step requests for some of them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group; the trainer handles it
     envs = [make_env_fn() for _ in range(num_envs)]
     conn.send(("ok", None))  # ready
     try:
@@ -718,7 +737,7 @@ def wandb_has_credentials() -> bool:
 class RunLogger:
     """Writes every logged row to run_dir/metrics.jsonl and to wandb (offline without an account)."""
 
-    def __init__(self, config: TrainConfig, run_name: str, run_dir: Path):
+    def __init__(self, config: TrainConfig, run_name: str, run_dir: Path, job_type: str = "train"):
         import wandb  # imported here: wandb is slow to import and only training needs it
 
         self.path = run_dir / "metrics.jsonl"
@@ -727,8 +746,11 @@ class RunLogger:
             os.environ["WANDB_MODE"] = "offline"
             print(f"wandb: no API key and WANDB_MODE unset, logging offline to {run_dir / 'wandb'} "
                   "(upload later with `wandb sync`)")
-        self.run = wandb.init(project=config.project, group=config.group, name=run_name,
-                              config=asdict(config), dir=str(run_dir))
+        id_file = run_dir / "wandb_run_id"  # a resumed run logs to the same wandb run
+        self.run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        id_file.write_text(self.run_id)
+        self.run = wandb.init(project=config.project, group=config.group, name=run_name, job_type=job_type,
+                              config=asdict(config), dir=str(run_dir), id=self.run_id, resume="allow")
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
         with open(self.path, "a") as f:
@@ -744,10 +766,165 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one (kill -9 included)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows of metrics.jsonl up to last_step (the checkpoint a resumed run restarts from)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a row cut off by a crash
+            continue
+        if row.get("step", last_step + 1) <= last_step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, resume and eval-only
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_KEYS = ("model_state", "state_mean", "state_std", "config", "step", "state_dim", "action_dim")
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    if path.is_dir():
+        path = path / "latest.pt"  # a run folder: its latest checkpoint
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; give a .pt file or a run folder holding latest.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy and RNG states
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}); the file is corrupt or not a "
+                        "checkpoint of algorithms/dt.py") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise UserError(f"{path} is not a checkpoint of algorithms/dt.py (it lacks {list(CHECKPOINT_KEYS)})")
+    return checkpoint
+
+
+def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ...]) -> TrainConfig:
+    """The saved config, with the command-line fields in `allowed` applied where the user set them
+    (differ from the default); other fields set on the command line are reported as ignored."""
+    config = pyrallis.decode(TrainConfig, saved)
+    default, ignored = TrainConfig(), []
+    for name, value in asdict(cli).items():
+        if value == getattr(default, name) or value == getattr(config, name):
+            continue
+        if name in allowed:
+            setattr(config, name, value)
+        else:
+            ignored.append(name)
+    if ignored:
+        print(f"warning: the run's saved config is used; ignoring command-line {', '.join(ignored)}", file=sys.stderr)
+    return config
+
+
+def rng_states(sampler: "WindowSampler") -> Dict[str, Any]:
+    """Every random stream training draws from: python, numpy, torch (dropout), cuda, the window sampler."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "sampler": sampler.generator.get_state()}
+
+
+def restore_rng_states(states: Dict[str, Any], sampler: "WindowSampler") -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    sampler.generator.set_state(states["sampler"])
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; training finishes the current update, checkpoints and exits.
+    A second signal stops at once."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.received = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this update (send again to stop at once)")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class RunStopped(Exception):
+    """Training stopped on a signal after writing a checkpoint; main() exits with this code."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
+    """Eval-only: load a checkpoint, evaluate it with the command line's targets/episodes/seed, log, exit."""
+    checkpoint = load_checkpoint(Path(cli.eval_checkpoint).expanduser())
+    trained_on = checkpoint["config"]["env_name"]
+    if cli.env_name not in (TrainConfig.env_name, trained_on):
+        raise UserError(f"the checkpoint was trained on {trained_on}, not {cli.env_name}; drop --env_name "
+                        "or pick a checkpoint of that dataset")
+    config = saved_config(cli, checkpoint["config"], allowed=(
+        "target_returns", "eval_episodes", "eval_seed", "eval_workers", "device", "eval_env", "ref_min_score",
+        "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint"))
+    validate_config(config)
+    device = resolve_device(config.device)
+    eval_env = config.eval_env or checkpoint.get("eval_env")
+    ref_min = _first(config.ref_min_score, checkpoint.get("ref_min_score"))
+    ref_max = _first(config.ref_max_score, checkpoint.get("ref_max_score"))
+    envs = EvalEnvs(functools.partial(make_env, eval_env), config.eval_episodes * len(config.target_returns),
+                    config.eval_workers)
+    try:
+        if (envs.state_dim, envs.action_dim) != (checkpoint["state_dim"], checkpoint["action_dim"]):
+            raise UserError(f"the checkpoint is for state/action sizes {checkpoint['state_dim']}/"
+                            f"{checkpoint['action_dim']} but env {eval_env} has {envs.state_dim}/{envs.action_dim}")
+        model, _, _ = build_training(config, checkpoint["state_dim"], checkpoint["action_dim"], device)
+        model.load_state_dict(checkpoint["model_state"])
+        run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name}-{uuid.uuid4().hex[:8]}"
+        create_dirs(run_dir)
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(config, f)
+        results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
+                           checkpoint["state_mean"], checkpoint["state_std"], config.reward_scale, device)
+    finally:
+        envs.close()
+    scores = eval_metrics(results, ref_min, ref_max)
+    print(format_eval_table(checkpoint["step"], scores, config.target_returns))
+    logger = RunLogger(config, run_dir.name, run_dir, job_type="eval")
+    logger.log(scores, step=checkpoint["step"])
+    logger.finish()
+    return scores
+
+
+def create_dirs(*dirs: Path) -> None:
+    """Create output folders, checking they are writable; on failure remove the ones made here."""
+    made = []
+    try:
+        for folder in dirs:
+            missing = [p for p in (folder, *folder.parents) if not p.exists()]
+            made.extend(reversed(missing))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".write-test").touch()
+            (folder / ".write-test").unlink()
+    except OSError as err:
+        for new_folder in reversed(made):
+            shutil.rmtree(new_folder, ignore_errors=True)
+        raise UserError(f"cannot write to {folder} ({err.strerror or err}); set runs_dir (or run_dir, "
+                        "checkpoints_path) to a writable folder") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -801,8 +978,36 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     return learning_rate
 
 
+def checkpoint_dir(config: TrainConfig, run_dir: Path) -> Path:
+    return Path(config.checkpoints_path).expanduser() / run_dir.name if config.checkpoints_path else run_dir
+
+
+def resume_point(config: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, Any]]]:
+    """For a run_dir that already holds a run: its saved config and latest checkpoint (None if none yet)."""
+    if config.run_dir is None or not (Path(config.run_dir) / "config.yaml").exists():
+        return config, None
+    run_dir = Path(config.run_dir)
+    try:
+        with open(run_dir / "config.yaml") as f:
+            saved = asdict(pyrallis.load(TrainConfig, f))
+    except Exception as err:
+        raise UserError(f"cannot read {run_dir / 'config.yaml'} ({type(err).__name__}); "
+                        "restore it, or give a new run_dir") from None
+    config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers"))
+    latest = checkpoint_dir(config, run_dir) / "latest.pt"
+    return config, load_checkpoint(latest) if latest.exists() else None
+
+
 def train(config: TrainConfig) -> Dict[str, float]:
-    """Train DT on config.env_name's dataset, evaluating every eval_every steps; returns the last metrics."""
+    """Train DT on config.env_name's dataset, evaluating and checkpointing every eval_every steps.
+
+    A run_dir that already holds a run continues from its latest checkpoint, bit for bit on CPU.
+    Returns the last metrics.
+    """
+    config, resume = resume_point(config)
+    if resume is not None and resume["step"] >= config.update_steps:
+        print(f"{config.run_dir} has finished all {config.update_steps} steps; nothing to do")
+        return resume["metrics"]
     validate_config(config)
     device = resolve_device(config.device)
     source = resolve_dataset(config)
@@ -814,6 +1019,11 @@ def train(config: TrainConfig) -> Dict[str, float]:
     if data.traj_lengths.max() > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
         raise UserError(f"the dataset has a trajectory of {data.traj_lengths.max()} steps, longer than "
                         f"episode_len={config.episode_len}; raise episode_len")
+    if resume is not None and (resume["dataset_transitions"] != len(data.states)
+                               or not np.array_equal(resume["state_mean"], data.state_mean)):
+        raise UserError(f"the dataset {source.path} is not the one {config.run_dir} was trained on "
+                        f"({resume['dataset_transitions']} transitions then, {len(data.states)} now); "
+                        "restore that file or start a new run")
 
     envs = EvalEnvs(functools.partial(make_env, source.eval_env),
                     config.eval_episodes * len(config.target_returns), config.eval_workers)
@@ -822,77 +1032,144 @@ def train(config: TrainConfig) -> Dict[str, float]:
         raise UserError(f"dataset has state/action sizes {state_dim}/{action_dim} but env {source.eval_env} "
                         f"has {envs.state_dim}/{envs.action_dim}; set eval_env to the env the data came from")
 
-    run_name = f"{config.name}-{config.env_name}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}"
-    run_dir = Path(config.runs_dir) / run_name
+    run_dir = Path(config.run_dir or Path(config.runs_dir) /
+                   f"{config.name}-{config.env_name}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}")
+    config.run_dir = str(run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
+    ckpt_dir = checkpoint_dir(config, run_dir)
     try:
-        run_dir.mkdir(parents=True)
-    except OSError as err:
-        raise UserError(f"cannot create run folder {run_dir} ({err}); set runs_dir to a writable folder") from None
-    with open(run_dir / "config.yaml", "w") as f:
-        pyrallis.dump(config, f)
+        create_dirs(run_dir, ckpt_dir)
+    except UserError:
+        envs.close()
+        raise
+    for stale in ckpt_dir.glob("*.pt.tmp-*"):  # a checkpoint write cut off by kill -9
+        stale.unlink()
+    if resume is None:
+        with open(run_dir / "config.yaml.tmp", "w") as f:
+            pyrallis.dump(config, f)
+        os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
+    truncate_metrics(run_dir / "metrics.jsonl", resume["step"] if resume else 0)  # rows after the checkpoint go
     print(f"dataset {source.path}: {len(data.states)} transitions, {len(data.traj_lengths)} trajectories, "
           f"mean return {data.traj_returns.mean():.1f}; eval env {source.eval_env}; device {device}; run {run_dir}")
 
     set_seed(config.train_seed, config.deterministic_torch)
     sampler = WindowSampler(data, config.seq_len, device, seed=config.train_seed)
     model, optimizer, scheduler = build_training(config, state_dim, action_dim, device)
+    start_step, best_score, metrics = 0, -math.inf, {}
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on device: no sync per step
+    if resume is not None:
+        model.load_state_dict(resume["model_state"])
+        optimizer.load_state_dict(resume["optimizer_state"])
+        scheduler.load_state_dict(resume["scheduler_state"])
+        restore_rng_states(resume["rng"], sampler)
+        start_step, best_score, metrics = resume["step"], resume["best_score"], resume["metrics"]
+        loss_sum, loss_count = resume["loss_sum"].to(device), resume["loss_count"]
+        print(f"resuming from step {start_step} ({ckpt_dir / 'latest.pt'})")
     train_model = torch.compile(model) if config.compile else model  # evaluation runs the eager model
     bf16 = config.bf16 and device.type == "cuda"
     micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else 64)
+    top_target = max(config.target_returns)  # "best" is judged at the highest target, as the tables report
+    first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # first step with a NaN/inf loss
 
-    logger = RunLogger(config, run_name, run_dir)
-    metrics: Dict[str, float] = {}
-    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on device: no sync per step
-    progress = trange(1, config.update_steps + 1, desc="train", dynamic_ncols=True)
-    for step in progress:
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(train_model, sampler.sample(config.batch_size), micro_batch, bf16)
-        learning_rate = optimizer_step(model, optimizer, scheduler, config.clip_grad)
-        loss_sum += loss
-        loss_count += 1
+    def save_checkpoint(step: int, names: Tuple[str, ...]) -> None:
+        state = {
+            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict(), "step": step, "rng": rng_states(sampler),
+            "state_mean": data.state_mean, "state_std": data.state_std, "state_dim": state_dim,
+            "action_dim": action_dim, "dataset_transitions": len(data.states), "config": asdict(config),
+            "eval_env": source.eval_env, "ref_min_score": source.ref_min_score, "ref_max_score": source.ref_max_score,
+            "wandb_run_id": logger.run_id, "best_score": best_score, "metrics": metrics,
+            "loss_sum": loss_sum.detach().cpu(), "loss_count": loss_count,
+        }
+        for name in names:
+            atomic_torch_save(state, ckpt_dir / name)
 
-        if step % config.log_every == 0 or step == config.update_steps:
-            metrics = {"train_loss": loss_sum.item() / loss_count, "learning_rate": learning_rate}
-            logger.log(metrics, step=step)
-            progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
-            loss_sum.zero_()
-            loss_count = 0
-        if step % config.eval_every == 0 or step == config.update_steps:
-            results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
-                               data.state_mean, data.state_std, config.reward_scale, device)
-            scores = eval_metrics(results, source.ref_min_score, source.ref_max_score)
-            logger.log(scores, step=step)
-            metrics.update(scores)
-            tqdm.write(format_eval_table(step, scores, config.target_returns))
+    def check_finite() -> None:
+        bad_step = int(first_bad_step.item())
+        if bad_step:
+            last = ckpt_dir / "latest.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise UserError(f"the loss became NaN/inf at step {bad_step}; training stopped and {kept}. "
+                            "Lower learning_rate, set clip_grad, or check the dataset")
 
-    if config.checkpoints_path is not None:
-        path = Path(config.checkpoints_path) / run_name / "checkpoint.pt"
-        atomic_torch_save({
-            "model_state": model.state_dict(),
-            "state_mean": data.state_mean,
-            "state_std": data.state_std,
-            "config": asdict(config),
-            "step": config.update_steps,
-        }, path)
-        print(f"checkpoint written to {path}")
-    logger.finish()
-    envs.close()
+    logger = RunLogger(config, run_dir.name, run_dir)
+    stop = StopSignal()
+    try:
+        progress = tqdm(range(start_step + 1, config.update_steps + 1), initial=start_step,
+                        total=config.update_steps, desc="train", dynamic_ncols=True)
+        for step in progress:
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_backward(train_model, sampler.sample(config.batch_size), micro_batch, bf16)
+            learning_rate = optimizer_step(model, optimizer, scheduler, config.clip_grad)
+            loss_sum += loss
+            loss_count += 1
+            first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), step, first_bad_step)
+
+            is_eval = step % config.eval_every == 0 or step == config.update_steps
+            if step % config.log_every == 0 or step == config.update_steps:
+                check_finite()
+                metrics = {**metrics, "train_loss": loss_sum.item() / loss_count, "learning_rate": learning_rate}
+                logger.log({k: metrics[k] for k in ("train_loss", "learning_rate")}, step=step)
+                progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{learning_rate:.2e}")
+                loss_sum.zero_()
+                loss_count = 0
+            if is_eval:
+                check_finite()
+                results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
+                                   data.state_mean, data.state_std, config.reward_scale, device)
+                scores = eval_metrics(results, source.ref_min_score, source.ref_max_score)
+                logger.log(scores, step=step)
+                metrics.update(scores)
+                tqdm.write(format_eval_table(step, scores, config.target_returns))
+                score = scores.get(f"eval/{top_target}_normalized_score_mean", scores[f"eval/{top_target}_return_mean"])
+                improved = score > best_score
+                best_score = max(best_score, score)
+                save_checkpoint(step, ("best.pt", "latest.pt") if improved else ("latest.pt",))
+            elif stop.received is not None:
+                check_finite()
+                save_checkpoint(step, ("latest.pt",))
+            if stop.received is not None and step < config.update_steps:
+                progress.close()
+                print(f"stopped at step {step}; checkpoint {ckpt_dir / 'latest.pt'}. Resume with:\n"
+                      f"  python algorithms/dt.py --run_dir {run_dir}")
+                raise RunStopped(130 if stop.received == signal.SIGINT else 0)
+    finally:
+        stop.restore()
+        logger.finish()
+        envs.close()
+    print(f"checkpoints: {ckpt_dir / 'latest.pt'} (step {config.update_steps}), {ckpt_dir / 'best.pt'} "
+          f"(best {best_score:.2f} at target {top_target})")
     return metrics
 
 
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+def parse_config(args: Optional[List[str]] = None) -> TrainConfig:
+    """The config from --config_path YAML and command-line fields, with one-line errors."""
+    try:
+        return pyrallis.parse(config_class=TrainConfig, args=args)
+    except FileNotFoundError as err:
+        raise UserError(f"config file {err.filename} does not exist") from None
+    except pyrallis.utils.ParsingError as err:
+        raise UserError(f"invalid config: {str(err).splitlines()[0]} (lists are written as '[3600,1800]')") from None
+    except Exception as err:  # pyrallis reports a field the config does not have with a bare Exception
+        raise UserError(f"invalid config: {str(err).splitlines()[0]}; `--help` lists the fields") from None
+
+
 def main(args: Optional[List[str]] = None) -> None:
     try:
-        config = pyrallis.parse(config_class=TrainConfig, args=args)
-        train(config)
+        config = parse_config(args)
+        if config.eval_checkpoint is not None:
+            evaluate_checkpoint(config)
+        else:
+            train(config)
+    except RunStopped as stopped:
+        sys.exit(stopped.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; the latest checkpoint is kept (resume with --run_dir <run folder>)", file=sys.stderr)
+        sys.exit(130)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except pyrallis.utils.ParsingError as err:
-        message = str(err).splitlines()[0]
-        print(f"error: invalid config: {message} (lists are written as '[3600,1800]')", file=sys.stderr)
         sys.exit(2)
 
 

@@ -57,12 +57,17 @@ def test_train_and_evaluate_end_to_end(user_env, tmp_path):
     config = pyrallis.load(dt.TrainConfig, open(run_dir / "config.yaml"))
     assert config.update_steps == 40 and config.target_returns == (3600.0, 1800.0) and config.embedding_dim == 32
 
-    checkpoint = torch.load(tmp_path / "ckpt" / run_dir.name / "checkpoint.pt", weights_only=False)
+    assert config.run_dir == str(run_dir.relative_to(tmp_path))  # `--run_dir <folder>` finds the run again
+    assert {p.name for p in (tmp_path / "ckpt" / run_dir.name).iterdir()} == {"latest.pt", "best.pt"}
+    checkpoint = torch.load(tmp_path / "ckpt" / run_dir.name / "latest.pt", weights_only=False)
     assert checkpoint["step"] == 40 and checkpoint["config"]["env_name"] == "hopper-medium-v2"
     assert checkpoint["state_mean"].shape == (11,) and checkpoint["state_std"].shape == (11,)
     model = dt.DecisionTransformer(11, 3, seq_len=10, embedding_dim=32, num_layers=2)
     model.load_state_dict(checkpoint["model_state"])
-    assert not list((tmp_path / "ckpt" / run_dir.name).glob("*.tmp*"))
+    best = torch.load(tmp_path / "ckpt" / run_dir.name / "best.pt", weights_only=False)
+    top = "eval/3600.0_normalized_score_mean"  # best is judged at the highest target
+    assert best["best_score"] == max(r[top] for r in eval_rows) and best["step"] in (20, 40)
+    assert best["metrics"][top] == best["best_score"]
 
 
 def test_own_file_and_offline_wandb_without_account(user_env, tmp_path):

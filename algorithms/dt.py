@@ -126,6 +126,8 @@ class TrainConfig:
     eval_workers: int = -1
     # log train_loss (mean over the interval) and learning_rate every log_every steps
     log_every: int = 100
+    # MLP activation of the transformer blocks: gelu (exact erf GELU, as CORL) or relu (as the DT authors' code)
+    activation: str = "gelu"
 
 
 class UserError(Exception):
@@ -155,6 +157,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"eval_workers must be -1 (auto), 0 (in-process) or a number of processes, got {config.eval_workers}")
     if config.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    if config.activation not in ACTIVATIONS:
+        raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{config.activation}'")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -419,8 +423,13 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(batch, q.shape[2], dim))
 
 
+# MLP activations: exact (erf) GELU as CORL, ReLU as the DT authors' code and transformers' default
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float, residual_dropout: float):
+    def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float, residual_dropout: float,
+                 activation: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(embedding_dim)
         self.attention = CausalSelfAttention(embedding_dim, num_heads, attention_dropout)
@@ -428,7 +437,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(embedding_dim)
         self.mlp = nn.Sequential(
             nn.Linear(embedding_dim, 4 * embedding_dim),
-            nn.GELU(),
+            ACTIVATIONS[activation](),  # no parameters: the state_dict is the same for every activation
             nn.Linear(4 * embedding_dim, embedding_dim),
             nn.Dropout(residual_dropout),
         )
@@ -444,7 +453,7 @@ class DecisionTransformer(nn.Module):
     def __init__(self, state_dim: int, action_dim: int, seq_len: int = 20, episode_len: int = 1000,
                  embedding_dim: int = 128, num_layers: int = 3, num_heads: int = 1,
                  attention_dropout: float = 0.1, residual_dropout: float = 0.1,
-                 embedding_dropout: float = 0.1, max_action: float = 1.0):
+                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu"):
         super().__init__()
         self.state_dim, self.action_dim = state_dim, action_dim
         self.seq_len, self.episode_len = seq_len, episode_len
@@ -457,7 +466,8 @@ class DecisionTransformer(nn.Module):
         self.emb_norm = nn.LayerNorm(embedding_dim)
         self.emb_drop = nn.Dropout(embedding_dropout)
         self.blocks = nn.ModuleList([
-            TransformerBlock(embedding_dim, num_heads, attention_dropout, residual_dropout) for _ in range(num_layers)
+            TransformerBlock(embedding_dim, num_heads, attention_dropout, residual_dropout, activation)
+            for _ in range(num_layers)
         ])
         self.out_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
@@ -753,15 +763,19 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def build_training(config: TrainConfig, state_dim: int, action_dim: int,
-                   device: torch.device) -> Tuple[DecisionTransformer, torch.optim.Optimizer, Any]:
-    """The model, AdamW and the warm-up schedule of the config."""
-    model = DecisionTransformer(
+def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> DecisionTransformer:
+    return DecisionTransformer(
         state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
         embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
         attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
-        embedding_dropout=config.embedding_dropout, max_action=config.max_action,
-    ).to(device)
+        embedding_dropout=config.embedding_dropout, max_action=config.max_action, activation=config.activation,
+    )
+
+
+def build_training(config: TrainConfig, state_dim: int, action_dim: int,
+                   device: torch.device) -> Tuple[DecisionTransformer, torch.optim.Optimizer, Any]:
+    """The model, AdamW and the warm-up schedule of the config."""
+    model = build_model(config, state_dim, action_dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
                                   weight_decay=config.weight_decay,
                                   fused=config.fused_adamw and device.type == "cuda")  # one kernel for all params

@@ -165,7 +165,7 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path, capsys):
     assert np.array(saved["state_mean"], dtype=np.float32).tobytes() == state_mean.tobytes()  # exact floats
     assert np.array(saved["state_std"], dtype=np.float32).tobytes() == state_std.tobytes()
     assert (saved["reward_scale"], saved["context_length"], saved["target_returns"]) == (0.01, 6, [3600.0, 1800.0])
-    assert (saved["env_name"], saved["training_steps"]) == ("hopper-medium-v2", 7)
+    assert (saved["env_name"], saved["eval_env"], saved["training_steps"]) == ("hopper-medium-v2", "Hopper-v4", 7)
 
     capsys.readouterr()  # drop transformers' progress bars
     with pytest.raises(SystemExit) as exit_status:

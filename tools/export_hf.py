@@ -30,7 +30,8 @@ from typing import Any, Dict, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
-from dt import DecisionTransformer, TrainConfig, UserError, build_model, validate_config  # noqa: E402
+from dt import (D4RL_ENVS, D4RL_NAMES, DecisionTransformer, TrainConfig, UserError, build_model,  # noqa: E402
+                validate_config)
 
 try:
     from transformers import DecisionTransformerConfig, DecisionTransformerModel
@@ -137,11 +138,12 @@ def export(checkpoint_path: Path, out_dir: Path, overwrite: bool = False) -> flo
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir} already exists; choose another folder or pass --overwrite")
     model, config, checkpoint = load_checkpoint(checkpoint_path)
+    d4rl_env = D4RL_ENVS[config.env_name.split("-", 1)[0]] if config.env_name in D4RL_NAMES else None
     hf_model = to_transformers(
         model, config, state_mean=[float(x) for x in checkpoint["state_mean"]],
         state_std=[float(x) for x in checkpoint["state_std"]], reward_scale=config.reward_scale,
         context_length=config.seq_len, target_returns=list(config.target_returns), env_name=config.env_name,
-        eval_env=config.eval_env, training_steps=checkpoint.get("step"))
+        eval_env=config.eval_env or d4rl_env, training_steps=checkpoint.get("step"))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{out_dir.name}.tmp-"))
     try:

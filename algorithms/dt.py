@@ -105,7 +105,9 @@ class TrainConfig:
     eval_seed: int = 42
     # training device: auto (cuda when available), cpu, cuda, cuda:N
     device: str = "auto"
-    # D4RL-layout HDF5 file to train on instead of the D4RL dataset named by env_name
+    # where env_name's data comes from: d4rl (HDF5 files from D4RL's server) or hf (the Hugging Face Hub copy)
+    dataset_source: str = "d4rl"
+    # data to train on instead of env_name's: a D4RL-layout HDF5 file, or with dataset_source hf a save_to_disk folder
     dataset_path: Optional[str] = None
     # folder of D4RL files; when unset: $D4RL_DATASET_DIR, else ~/.d4rl/datasets
     dataset_dir: Optional[str] = None
@@ -133,6 +135,8 @@ class TrainConfig:
     run_dir: Optional[str] = None
     # evaluate this checkpoint (.pt file or run folder) with the eval_* and target_returns given, then exit
     eval_checkpoint: Optional[str] = None
+    # MLP activation of the transformer blocks: gelu (exact erf GELU, as CORL) or relu (as the DT authors' code)
+    activation: str = "gelu"
 
 
 class UserError(Exception):
@@ -165,6 +169,10 @@ def validate_config(config: TrainConfig) -> None:
     if config.warmup_steps > config.update_steps:
         print(f"warning: warmup_steps ({config.warmup_steps}) > update_steps ({config.update_steps}): "
               "the learning rate never reaches learning_rate", file=sys.stderr)
+    if config.dataset_source not in ("d4rl", "hf"):
+        raise UserError(f"dataset_source must be d4rl or hf, got '{config.dataset_source}'")
+    if config.activation not in ACTIVATIONS:
+        raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{config.activation}'")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,7 +214,7 @@ D4RL_NAMES = [f"{env}-{kind}-v2" for env in D4RL_ENVS for kind in D4RL_KINDS]
 
 @dataclass
 class DatasetSource:
-    path: Path  # local HDF5 file
+    path: Optional[Path]  # local HDF5 file or save_to_disk folder; None: env_name from the Hugging Face Hub
     url: Optional[str]  # where to download it from when missing (None: the user's own file)
     eval_env: Optional[str]  # gymnasium env id
     ref_min_score: Optional[float]
@@ -229,15 +237,22 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
     """Where the data lives, which env evaluates it, and which reference scores normalize it."""
     env = config.env_name.split("-", 1)[0]
     is_d4rl = config.env_name in D4RL_NAMES
+    hub = config.dataset_source == "hf"
     if config.dataset_path is not None:
-        path, url = Path(config.dataset_path).expanduser(), None
-        if not path.is_file():
-            raise UserError(f"dataset_path '{path}' does not exist; point it to a D4RL-layout HDF5 file")
-        try:
-            with h5py.File(path, "r") as f:  # the dataset tool stores env id and reference scores as attributes
-                attrs = dict(f.attrs)
-        except OSError as err:
-            raise UserError(f"cannot read {path} as HDF5 ({err}); fix dataset_path") from None
+        path, url, attrs = Path(config.dataset_path).expanduser(), None, {}
+        if hub and not path.is_dir():
+            raise UserError(f"dataset_path '{path}' is not a folder; with dataset_source hf point it to a dataset "
+                            "folder written by datasets' save_to_disk")
+        elif not hub:
+            if not path.is_file():
+                raise UserError(f"dataset_path '{path}' does not exist; point it to a D4RL-layout HDF5 file")
+            try:
+                with h5py.File(path, "r") as f:  # the dataset tool stores env id and reference scores as attributes
+                    attrs = dict(f.attrs)
+            except OSError as err:
+                raise UserError(f"cannot read {path} as HDF5 ({err}); fix dataset_path") from None
+    elif is_d4rl and hub:
+        path, url, attrs = None, None, {}  # loaded by name from the Hub
     elif is_d4rl:
         name = d4rl_file_name(config.env_name)
         path, url, attrs = d4rl_dataset_dir(config) / name, D4RL_URL.format(file=name), {}
@@ -299,6 +314,11 @@ def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
             data = {k: f[k][()] for k in keys}
     except OSError as err:
         raise UserError(f"cannot read {path} as HDF5 ({err}); delete it to download again, or fix dataset_path") from None
+    return checked_arrays(data, path)
+
+
+def checked_arrays(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.ndarray]:
+    """The five D4RL arrays with DT's dtypes and shapes, after length and value checks."""
     n = len(data["rewards"])
     if n == 0:
         raise UserError(f"{path} holds no transitions")
@@ -318,6 +338,57 @@ def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
         "terminals": data["terminals"].astype(bool).reshape(n),
         "timeouts": data["timeouts"].astype(bool).reshape(n),
     }
+
+
+HF_D4RL_REPO = "edbeeching/decision_transformer_gym_replay"  # D4RL -v2 on the Hugging Face Hub, one row per trajectory
+
+
+def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
+    """D4RL's flat arrays from rows of trajectories (observations, actions, rewards, dones per row).
+
+    source: a config name of HF_D4RL_REPO (e.g. hopper-medium-v2) or the Path of a save_to_disk folder.
+    """
+    try:
+        import datasets
+        import huggingface_hub
+        import pyarrow.compute as pc
+    except ImportError:
+        raise UserError("dataset_source hf needs the datasets package: pip install -r requirements-dev.txt") from None
+    try:
+        if isinstance(source, Path):
+            loaded = datasets.load_from_disk(str(source))
+        else:
+            huggingface_hub.utils.logging.set_verbosity_error()  # no retry warnings: the error below says it all
+            try:
+                loaded = datasets.load_dataset(HF_D4RL_REPO, source, split="train")
+            except RuntimeError as err:  # datasets >= 4 runs no loading scripts: read the Hub's parquet export
+                if "scripts" not in str(err):
+                    raise
+                loaded = datasets.load_dataset(HF_D4RL_REPO, data_files={"train": f"{source}/train/*.parquet"},
+                                               revision="refs/convert/parquet", split="train")
+    except (OSError, ValueError, RuntimeError) as err:  # ConnectionError and FileNotFoundError are OSErrors
+        raise UserError(f"cannot load {source} with datasets ({err}); without network set dataset_path to a copy "
+                        "saved with save_to_disk, or set HF_HUB_OFFLINE=1 to reuse a cached download") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    keys = ("observations", "actions", "rewards", "dones")
+    if (missing := [k for k in keys if k not in loaded.column_names]) or loaded.num_rows == 0:
+        raise UserError(f"{source} has no rows or lacks columns {missing}; it needs one row per trajectory with "
+                        f"{list(keys)}")
+    table, flat, lengths = loaded.with_format("arrow")[:], {}, {}
+    for key in keys:
+        rows = table.column(key).combine_chunks()
+        rows = getattr(rows, "storage", rows)  # datasets' Array2D: an extension type over lists of lists
+        lengths[key] = pc.list_value_length(rows).to_numpy(zero_copy_only=False)
+        flat[key] = pc.list_flatten(rows, recursive=True).to_numpy(zero_copy_only=False)
+        flat[key] = flat[key].reshape(lengths[key].sum(), -1)  # [steps of all rows, width]
+        if not np.array_equal(lengths[key], lengths["observations"]):
+            raise UserError(f"{source}: some rows have a different number of {key} than of observations")
+    last = np.cumsum(lengths["rewards"]) - 1  # each trajectory's last step in the flat arrays
+    terminals, timeouts = np.zeros(len(flat["dones"]), bool), np.zeros(len(flat["dones"]), bool)
+    done = flat["dones"][last, 0].astype(bool)
+    terminals[last], timeouts[last] = done, ~done  # one flag per row, at its end: rows are the trajectories
+    return checked_arrays({**flat, "terminals": terminals, "timeouts": timeouts}, source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,8 +506,13 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(batch, q.shape[2], dim))
 
 
+# MLP activations: exact (erf) GELU as CORL, ReLU as the DT authors' code and transformers' default
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float, residual_dropout: float):
+    def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float, residual_dropout: float,
+                 activation: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(embedding_dim)
         self.attention = CausalSelfAttention(embedding_dim, num_heads, attention_dropout)
@@ -444,7 +520,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(embedding_dim)
         self.mlp = nn.Sequential(
             nn.Linear(embedding_dim, 4 * embedding_dim),
-            nn.GELU(),
+            ACTIVATIONS[activation](),  # no parameters: the state_dict is the same for every activation
             nn.Linear(4 * embedding_dim, embedding_dim),
             nn.Dropout(residual_dropout),
         )
@@ -460,7 +536,7 @@ class DecisionTransformer(nn.Module):
     def __init__(self, state_dim: int, action_dim: int, seq_len: int = 20, episode_len: int = 1000,
                  embedding_dim: int = 128, num_layers: int = 3, num_heads: int = 1,
                  attention_dropout: float = 0.1, residual_dropout: float = 0.1,
-                 embedding_dropout: float = 0.1, max_action: float = 1.0):
+                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu"):
         super().__init__()
         self.state_dim, self.action_dim = state_dim, action_dim
         self.seq_len, self.episode_len = seq_len, episode_len
@@ -473,7 +549,8 @@ class DecisionTransformer(nn.Module):
         self.emb_norm = nn.LayerNorm(embedding_dim)
         self.emb_drop = nn.Dropout(embedding_dropout)
         self.blocks = nn.ModuleList([
-            TransformerBlock(embedding_dim, num_heads, attention_dropout, residual_dropout) for _ in range(num_layers)
+            TransformerBlock(embedding_dim, num_heads, attention_dropout, residual_dropout, activation)
+            for _ in range(num_layers)
         ])
         self.out_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
@@ -892,7 +969,7 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
         if (envs.state_dim, envs.action_dim) != (checkpoint["state_dim"], checkpoint["action_dim"]):
             raise UserError(f"the checkpoint is for state/action sizes {checkpoint['state_dim']}/"
                             f"{checkpoint['action_dim']} but env {eval_env} has {envs.state_dim}/{envs.action_dim}")
-        model, _, _ = build_training(config, checkpoint["state_dim"], checkpoint["action_dim"], device)
+        model = build_model(config, checkpoint["state_dim"], checkpoint["action_dim"]).to(device)
         model.load_state_dict(checkpoint["model_state"])
         run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name}-{uuid.uuid4().hex[:8]}"
         create_dirs(run_dir)
@@ -930,15 +1007,19 @@ def create_dirs(*dirs: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def build_training(config: TrainConfig, state_dim: int, action_dim: int,
-                   device: torch.device) -> Tuple[DecisionTransformer, torch.optim.Optimizer, Any]:
-    """The model, AdamW and the warm-up schedule of the config."""
-    model = DecisionTransformer(
+def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> DecisionTransformer:
+    return DecisionTransformer(
         state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
         embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
         attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
-        embedding_dropout=config.embedding_dropout, max_action=config.max_action,
-    ).to(device)
+        embedding_dropout=config.embedding_dropout, max_action=config.max_action, activation=config.activation,
+    )
+
+
+def build_training(config: TrainConfig, state_dim: int, action_dim: int,
+                   device: torch.device) -> Tuple[DecisionTransformer, torch.optim.Optimizer, Any]:
+    """The model, AdamW and the warm-up schedule of the config."""
+    model = build_model(config, state_dim, action_dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
                                   weight_decay=config.weight_decay,
                                   fused=config.fused_adamw and device.type == "cuda")  # one kernel for all params
@@ -1011,9 +1092,12 @@ def train(config: TrainConfig) -> Dict[str, float]:
     validate_config(config)
     device = resolve_device(config.device)
     source = resolve_dataset(config)
-    if not source.path.exists():
-        download(source.url, source.path)
-    raw = load_d4rl_hdf5(source.path)
+    if config.dataset_source == "hf":
+        raw = load_hf_trajectories(source.path or config.env_name)
+    else:
+        if not source.path.exists():
+            download(source.url, source.path)
+        raw = load_d4rl_hdf5(source.path)
     data = prepare_data(raw, config.reward_scale)
     state_dim, action_dim = data.states.shape[1], data.actions.shape[1]
     if data.traj_lengths.max() > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
@@ -1048,7 +1132,8 @@ def train(config: TrainConfig) -> Dict[str, float]:
             pyrallis.dump(config, f)
         os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
     truncate_metrics(run_dir / "metrics.jsonl", resume["step"] if resume else 0)  # rows after the checkpoint go
-    print(f"dataset {source.path}: {len(data.states)} transitions, {len(data.traj_lengths)} trajectories, "
+    where = source.path or f"{HF_D4RL_REPO} {config.env_name}"
+    print(f"dataset {where}: {len(data.states)} transitions, {len(data.traj_lengths)} trajectories, "
           f"mean return {data.traj_returns.mean():.1f}; eval env {source.eval_env}; device {device}; run {run_dir}")
 
     set_seed(config.train_seed, config.deterministic_torch)

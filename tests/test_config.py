@@ -127,7 +127,7 @@ def test_device_resolution():
 @pytest.mark.parametrize("field, value", [
     ("seq_len", 0), ("batch_size", -1), ("update_steps", 0), ("eval_episodes", 0), ("num_heads", 3),
     ("attention_dropout", 1.0), ("max_action", 0.0), ("target_returns", ()), ("warmup_steps", -5),
-    ("target_returns", (10.0, 10.0)),
+    ("target_returns", (10.0, 10.0)), ("dataset_source", "minari"), ("activation", "gelu_new"),
 ])
 def test_invalid_values_are_user_errors(field, value):
     config = dataclasses.replace(dt.TrainConfig(), **{field: value})

@@ -1,4 +1,4 @@
-"""Decision Transformer (Chen et al., 2021) for offline RL on D4RL-format data, in one file.
+"""Decision Transformer (Chen et al., 2021) for offline RL on D4RL-format data and Minari datasets, in one file.
 
 Read top to bottom: config -> data -> model -> evaluation -> logging -> training -> main.
 The algorithm follows the CORL baseline detail by detail (see README.md, "Algorithm"), with two
@@ -7,8 +7,10 @@ the true mean over real (unpadded) steps.
 
     python algorithms/dt.py --config_path configs/dt/hopper/medium_v2.yaml [--field value ...]
 """
+import contextlib
 import difflib
 import functools
+import io
 import json
 import multiprocessing as mp
 import netrc
@@ -69,7 +71,7 @@ class TrainConfig:
     embedding_dropout: float = 0.1
     # maximum range for the symmetric actions, [-1, 1]
     max_action: float = 1.0
-    # training dataset and evaluation environment, D4RL name such as hopper-medium-replay-v2
+    # training dataset and eval env: D4RL name (hopper-medium-replay-v2, antmaze-umaze-v2) or Minari id, with a '/' (mujoco/hopper/medium-v0)
     env_name: str = "halfcheetah-medium-v2"
     # AdamW optimizer learning rate
     learning_rate: float = 1e-4
@@ -111,7 +113,7 @@ class TrainConfig:
     dataset_path: Optional[str] = None
     # folder of D4RL files; when unset: $D4RL_DATASET_DIR, else ~/.d4rl/datasets
     dataset_dir: Optional[str] = None
-    # gymnasium env id for evaluation; when unset: from env_name, else the HDF5 file's env_id attribute
+    # gymnasium env id for evaluation; when unset: from env_name (Minari: the dataset's eval env), else the HDF5 file's env_id
     eval_env: Optional[str] = None
     # return of a random policy for the normalized score; when unset: D4RL table or HDF5 attribute
     ref_min_score: Optional[float] = None
@@ -211,6 +213,33 @@ D4RL_REF_SCORES = {
 }
 D4RL_NAMES = [f"{env}-{kind}-v2" for env in D4RL_ENVS for kind in D4RL_KINDS]
 
+# The other D4RL families are read from their maintained Minari ports and evaluated in gymnasium-robotics envs:
+# (D4RL name, Minari id, env id, D4RL (ref_min, ref_max) where the port keeps D4RL's task else None, eval env kwargs)
+_ANTMAZES = {"umaze": "UMaze", "umaze-diverse": "UMaze", "medium-play": "Medium", "medium-diverse": "Medium_Diverse_GR",
+             "large-play": "Large", "large-diverse": "Large_Diverse_GR"}
+# D4RL's adroit reference returns (d4rl/infos.py); the ports hold D4RL's own demonstrations
+ADROIT_REF_SCORES = {"pen": (96.262799, 3076.8331017826877), "door": (-56.512833, 2880.5693087298737),
+                     "hammer": (-274.856578, 12794.134825156867), "relocate": (-6.425911, 4233.877797728884)}
+_PORTS = [
+    # D4RL's antmaze eval ends the episode at the goal (return = success, 0 or 1); the port's eval env is a
+    # continuing task, so it is made episodic again and D4RL's 0/1 references apply
+    *[(f"antmaze-{m}-v2", f"D4RL/antmaze/{m}-v1", f"AntMaze_{e}-v4", (0.0, 1.0), {"continuing_task": False})
+      for m, e in _ANTMAZES.items()],
+    # maze2d: data regenerated in a new simulator, so D4RL's measured references do not carry over (None)
+    *[(f"maze2d-{m}-v1", f"D4RL/pointmaze/{m}-v2", f"PointMaze_{e}-v3", None, {})
+      for m, e in (("umaze", "UMaze"), ("medium", "Medium"), ("large", "Large"))],
+    *[(f"{task}-{kind}-v1", f"D4RL/{task}/{kind}-v2", f"AdroitHand{task.capitalize()}-v1", refs, {})
+      for task, refs in ADROIT_REF_SCORES.items() for kind in ("human", "cloned", "expert")],
+]
+D4RL_TO_MINARI = {d4rl: minari_id for d4rl, minari_id, *_ in _PORTS}
+MINARI_PORTS: Dict[str, Tuple[str, Optional[Tuple[float, float]], Dict[str, Any]]] = {
+    minari_id: tuple(rest) for _, minari_id, *rest in _PORTS}
+# Minari's own locomotion data (mujoco/<env>/<kind>-v0): new policies on gymnasium -v5 envs, own references
+MINARI_MUJOCO_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+MINARI_MUJOCO_NAMES = [f"mujoco/{env}/{kind}-v0" for env in MINARI_MUJOCO_ENVS for kind in ("simple", "medium", "expert")]
+# dict observations are flattened in this key order (then any other keys, sorted), in training and evaluation
+OBS_KEY_ORDER = ("observation", "achieved_goal", "desired_goal")
+
 
 @dataclass
 class DatasetSource:
@@ -219,6 +248,8 @@ class DatasetSource:
     eval_env: Optional[str]  # gymnasium env id
     ref_min_score: Optional[float]
     ref_max_score: Optional[float]
+    minari_id: Optional[str] = None  # a Minari dataset, loaded (and downloaded) by load_minari
+    env_spec: Any = None  # the EnvSpec evaluation makes, when it is not just eval_env (Minari eval envs)
 
 
 def d4rl_file_name(env_name: str) -> str:
@@ -238,6 +269,15 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
     env = config.env_name.split("-", 1)[0]
     is_d4rl = config.env_name in D4RL_NAMES
     hub = config.dataset_source == "hf"
+    if config.dataset_path is None and ("/" in config.env_name or config.env_name in D4RL_TO_MINARI):
+        dataset_id = D4RL_TO_MINARI.get(config.env_name, config.env_name)
+        family = dataset_id.split("/")[1] if dataset_id.startswith("mujoco/") else None
+        env_id, refs, _ = MINARI_PORTS.get(dataset_id, (MINARI_MUJOCO_ENVS.get(family), None, {}))
+        refs = refs or (None, None)  # None: the dataset's own, read when load_minari opens it
+        ref_min, ref_max = _first(config.ref_min_score, refs[0]), _first(config.ref_max_score, refs[1])
+        root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")  # as Minari finds it
+        return DatasetSource(root / dataset_id, None, config.eval_env or env_id, *_checked_refs(ref_min, ref_max),
+                             minari_id=dataset_id)
     if config.dataset_path is not None:
         path, url, attrs = Path(config.dataset_path).expanduser(), None, {}
         if hub and not path.is_dir():
@@ -257,8 +297,8 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
         name = d4rl_file_name(config.env_name)
         path, url, attrs = d4rl_dataset_dir(config) / name, D4RL_URL.format(file=name), {}
     else:
-        close = difflib.get_close_matches(config.env_name, D4RL_NAMES, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(D4RL_NAMES)}."
+        close = difflib.get_close_matches(config.env_name, D4RL_NAMES + list(D4RL_TO_MINARI), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(D4RL_NAMES + list(D4RL_TO_MINARI))}."
         raise UserError(f"unknown D4RL dataset '{config.env_name}'.{hint} "
                         "For your own HDF5 file set dataset_path and eval_env.")
     eval_env = config.eval_env or _attr(attrs, "env_id") or (D4RL_ENVS[env] if is_d4rl else None)
@@ -267,9 +307,13 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
     d4rl_refs = D4RL_REF_SCORES[env] if is_d4rl and eval_env == D4RL_ENVS[env] else (None, None)
     ref_min = _first(config.ref_min_score, _attr(attrs, "ref_min_score"), d4rl_refs[0])
     ref_max = _first(config.ref_max_score, _attr(attrs, "ref_max_score"), d4rl_refs[1])
+    return DatasetSource(path, url, eval_env, *_checked_refs(ref_min, ref_max))
+
+
+def _checked_refs(ref_min: Optional[float], ref_max: Optional[float]) -> Tuple[Optional[float], Optional[float]]:
     if (ref_min is None) != (ref_max is None) or (ref_min is not None and ref_max <= ref_min):
         raise UserError(f"reference scores need both ref_min_score < ref_max_score, got {ref_min} and {ref_max}")
-    return DatasetSource(path, url, eval_env, ref_min, ref_max)
+    return ref_min, ref_max
 
 
 def _attr(attrs: Dict[str, Any], key: str) -> Any:
@@ -288,7 +332,7 @@ def download(url: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+        with os.fdopen(fd, "wb") as out, urllib.request.build_opener().open(url, timeout=30) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
                 while chunk := response.read(1 << 20):
@@ -314,11 +358,11 @@ def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
             data = {k: f[k][()] for k in keys}
     except OSError as err:
         raise UserError(f"cannot read {path} as HDF5 ({err}); delete it to download again, or fix dataset_path") from None
-    return checked_arrays(data, path)
+    return checked_transitions(data, path)
 
 
-def checked_arrays(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.ndarray]:
-    """The five D4RL arrays with DT's dtypes and shapes, after length and value checks."""
+def checked_transitions(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.ndarray]:
+    """The five arrays after length and value checks, in the dtypes and shapes prepare_data expects."""
     n = len(data["rewards"])
     if n == 0:
         raise UserError(f"{path} holds no transitions")
@@ -388,7 +432,75 @@ def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
     terminals, timeouts = np.zeros(len(flat["dones"]), bool), np.zeros(len(flat["dones"]), bool)
     done = flat["dones"][last, 0].astype(bool)
     terminals[last], timeouts[last] = done, ~done  # one flag per row, at its end: rows are the trajectories
-    return checked_arrays({**flat, "terminals": terminals, "timeouts": timeouts}, source)
+    return checked_transitions({**flat, "terminals": terminals, "timeouts": timeouts}, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: Minari datasets
+# ----------------------------------------------------------------------------------------------
+def obs_keys(keys: Any) -> List[str]:
+    """Flattening order of dict observations: observation, achieved_goal, desired_goal, then other keys sorted."""
+    return [k for k in OBS_KEY_ORDER if k in keys] + sorted(k for k in keys if k not in OBS_KEY_ORDER)
+
+
+def load_minari(source: DatasetSource, recover_env: bool) -> Tuple[DatasetSource, Dict[str, np.ndarray]]:
+    """A Minari dataset (downloaded when missing) as load_d4rl_hdf5's arrays; completes the source with the
+    dataset's eval env (when recover_env) and its reference scores (when still unset)."""
+    try:
+        import minari
+    except ImportError:
+        raise UserError(f"'{source.minari_id}' is a Minari dataset: `pip install minari==0.5.4 "
+                        "gymnasium-robotics==1.4.2 huggingface_hub==2.4.0`") from None
+    existed = source.path.exists()
+    try:
+        dataset = minari.load_dataset(source.minari_id, download=True)
+    except BaseException as err:  # the hub client raises many types (network, offline mode, unknown id)
+        if not existed:
+            shutil.rmtree(source.path, ignore_errors=True)  # no half-downloaded dataset left behind
+        if not isinstance(err, Exception):
+            raise
+        known = list(MINARI_PORTS) + MINARI_MUJOCO_NAMES
+        close = [] if source.minari_id in known else difflib.get_close_matches(source.minari_id, known, n=3, cutoff=0.5)
+        raise UserError(f"Minari dataset '{source.minari_id}' is not readable at {source.path} and downloading it failed "
+                        f"({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]})."
+                        f"{' Did you mean ' + ', '.join(close) + '?' if close else ''} Without network, download it "
+                        f"elsewhere (`minari download {source.minari_id}`) and copy its folder there") from None
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        raise UserError(f"{source.minari_id} has {dataset.action_space} actions; this DT needs continuous (Box) actions")
+    keys = obs_keys(dataset.observation_space.spaces) if isinstance(dataset.observation_space, gym.spaces.Dict) else None
+    episodes = []
+    for episode in dataset.iterate_episodes():
+        n, obs = len(episode.rewards), episode.observations
+        obs = np.concatenate([np.asarray(obs[k]).reshape(len(obs[k]), -1) for k in keys], 1) if keys else np.asarray(obs)
+        if n == 0 or len(obs) != n + 1:
+            raise UserError(f"{source.minari_id}: episode {episode.id} has {len(obs)} observations for {n} actions; "
+                            "Minari episodes hold N+1 observations for N > 0 actions")
+        terminals = np.asarray(episode.terminations, dtype=bool)
+        timeouts = np.asarray(episode.truncations, dtype=bool) & ~terminals
+        timeouts[-1] = not terminals[-1]  # the episode's end always ends a trajectory, flagged or not
+        # obs[t] is the state action[t] was taken in; the final observation has no action and is dropped
+        episodes.append((obs[:-1], episode.actions, episode.rewards, terminals, timeouts))
+    if not episodes:
+        raise UserError(f"{source.path} holds no transitions")
+    names = ("observations", "actions", "rewards", "terminals", "timeouts")
+    raw = checked_transitions({k: np.concatenate([e[i] for e in episodes]) for i, k in enumerate(names)}, source.path)
+    if recover_env and dataset.env_spec is not None:  # the dataset's eval env, as its metadata describes it
+        env_kwargs = MINARI_PORTS.get(source.minari_id, (None, None, {}))[2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "no eval env spec: the data env is used", old env versions
+            try:
+                env = dataset.recover_environment(eval_env=True, **env_kwargs)
+            except (ImportError, gym.error.Error) as err:
+                raise UserError(f"cannot create the eval env of {source.minari_id} ({err}); set eval_env, or "
+                                "`pip install gymnasium-robotics==1.4.2` for maze and adroit envs") from None
+        source.env_spec, source.eval_env = env.spec, env.spec.id
+        env.close()
+    if source.eval_env is None:
+        raise UserError(f"no evaluation env for {source.minari_id}: set eval_env to a gymnasium env id")
+    if source.ref_min_score is None:  # the dataset's own reference scores (what minari.get_normalized_score uses)
+        meta = dataset.storage.metadata
+        source.ref_min_score, source.ref_max_score = _checked_refs(meta.get("ref_min_score"), meta.get("ref_max_score"))
+    return source, raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,15 +722,29 @@ def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+def make_env(env_id: Any, **kwargs: Any) -> gym.Env:
+    """gym.make of an env id or EnvSpec; dict observations come out flattened as in the training data."""
+    if isinstance(env_id, str) and env_id not in gym.registry:
+        # registers the AntMaze, PointMaze and AdroitHand envs; its import-time notice (README) stays quiet
+        with contextlib.suppress(ImportError), contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics  # noqa: F401
     try:
         with warnings.catch_warnings():  # -v4 is chosen on purpose: it matches the D4RL -v2 data
             warnings.filterwarnings("ignore", message=".*is out of date.*")
-            return gym.make(env_id, **kwargs)
-    except gym.error.Error as err:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+            env = gym.make(env_id, **kwargs)
+    except (gym.error.Error, ImportError) as err:
+        name = getattr(env_id, "id", env_id)
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "set eval_env to a registered gymnasium env id"
-        raise UserError(f"cannot create gymnasium env '{env_id}' ({err}); {hint}") from None
+        raise UserError(f"cannot create gymnasium env '{name}' ({err}); {hint} (maze and adroit envs need "
+                        "`pip install gymnasium-robotics==1.4.2`)") from None
+    if isinstance(env.observation_space, gym.spaces.Dict):  # flattened as load_minari flattens the data
+        keys = obs_keys(env.observation_space.spaces)
+        size = sum(int(np.prod(env.observation_space[k].shape)) for k in keys)
+        flat = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        env = gym.wrappers.TransformObservation(
+            env, lambda obs: np.concatenate([np.asarray(obs[k], dtype=np.float32).ravel() for k in keys]), flat)
+    return env
 
 
 def normalized_score(returns: np.ndarray, ref_min: float, ref_max: float) -> np.ndarray:
@@ -1094,6 +1220,8 @@ def train(config: TrainConfig) -> Dict[str, float]:
     source = resolve_dataset(config)
     if config.dataset_source == "hf":
         raw = load_hf_trajectories(source.path or config.env_name)
+    elif source.minari_id is not None:
+        source, raw = load_minari(source, recover_env=config.eval_env is None)
     else:
         if not source.path.exists():
             download(source.url, source.path)
@@ -1109,15 +1237,16 @@ def train(config: TrainConfig) -> Dict[str, float]:
                         f"({resume['dataset_transitions']} transitions then, {len(data.states)} now); "
                         "restore that file or start a new run")
 
-    envs = EvalEnvs(functools.partial(make_env, source.eval_env),
+    envs = EvalEnvs(functools.partial(make_env, source.env_spec or source.eval_env),  # picklable for env workers
                     config.eval_episodes * len(config.target_returns), config.eval_workers)
     if (envs.state_dim, envs.action_dim) != (state_dim, action_dim):
         envs.close()
         raise UserError(f"dataset has state/action sizes {state_dim}/{action_dim} but env {source.eval_env} "
                         f"has {envs.state_dim}/{envs.action_dim}; set eval_env to the env the data came from")
 
+    env_label = config.env_name.replace("/", "-")  # Minari ids have '/'
     run_dir = Path(config.run_dir or Path(config.runs_dir) /
-                   f"{config.name}-{config.env_name}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}")
+                   f"{config.name}-{env_label}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}")
     config.run_dir = str(run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
     ckpt_dir = checkpoint_dir(config, run_dir)
     try:

@@ -78,8 +78,11 @@ def test_corl_yaml_loads_unchanged(tmp_path):
     dt.validate_config(config)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_config_loads_and_resolves(path, tmp_path, monkeypatch):
+D4RL_LOCOMOTION_CONFIGS = sorted(p for env in ("halfcheetah", "hopper", "walker2d") for p in (ROOT / "configs/dt" / env).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", D4RL_LOCOMOTION_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_d4rl_locomotion_config_loads_and_resolves(path, tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     config = parse("--config_path", str(path))
     dt.validate_config(config)

@@ -34,6 +34,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import pyrallis
+import yaml
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -168,6 +169,11 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"eval_workers must be -1 (auto), 0 (in-process) or a number of processes, got {config.eval_workers}")
     if config.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    if config.train_seed < 0 or config.eval_seed < 0:
+        raise UserError(f"train_seed and eval_seed must be >= 0, got {config.train_seed} and {config.eval_seed}")
+    if config.weight_decay < 0 or len(config.betas) != 2 or not all(0.0 <= b < 1.0 for b in config.betas):
+        raise UserError(f"weight_decay must be >= 0 and betas two values in [0, 1), got {config.weight_decay} "
+                        f"and {config.betas}")
     if config.warmup_steps > config.update_steps:
         print(f"warning: warmup_steps ({config.warmup_steps}) > update_steps ({config.update_steps}): "
               "the learning rate never reaches learning_rate", file=sys.stderr)
@@ -424,6 +430,8 @@ def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
         rows = table.column(key).combine_chunks()
         rows = getattr(rows, "storage", rows)  # datasets' Array2D: an extension type over lists of lists
         lengths[key] = pc.list_value_length(rows).to_numpy(zero_copy_only=False)
+        if (lengths[key] == 0).any():  # a zero-length trajectory has no step to learn from or to flag as its end
+            raise UserError(f"{source}: row {int(np.argmax(lengths[key] == 0))} has no {key}; drop empty trajectories")
         flat[key] = pc.list_flatten(rows, recursive=True).to_numpy(zero_copy_only=False)
         flat[key] = flat[key].reshape(lengths[key].sum(), -1)  # [steps of all rows, width]
         if not np.array_equal(lengths[key], lengths["observations"]):
@@ -760,7 +768,8 @@ def step_envs(envs: List[gym.Env], actions: np.ndarray) -> Tuple[np.ndarray, np.
 
 def _env_worker(conn: Any, make_env_fn: Callable[[], gym.Env], num_envs: int) -> None:
     """Holds num_envs envs in a worker process and answers reset/step requests for some of them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group; the trainer handles it
+    for sig in (signal.SIGINT, signal.SIGTERM):  # sent to the whole process group; the trainer handles them
+        signal.signal(sig, signal.SIG_IGN)
     envs = [make_env_fn() for _ in range(num_envs)]
     conn.send(("ok", None))  # ready
     try:
@@ -847,7 +856,8 @@ class EvalEnvs:
             for env in self.envs:
                 env.close()
         for pipe in getattr(self, "pipes", []):
-            pipe.send(("close", None, None))
+            with contextlib.suppress(OSError):  # a worker that already died
+                pipe.send(("close", None, None))
             pipe.close()
 
 
@@ -952,13 +962,17 @@ class RunLogger:
         id_file = run_dir / "wandb_run_id"  # a resumed run logs to the same wandb run
         self.run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(self.run_id)
-        self.run = wandb.init(project=config.project, group=config.group, name=run_name, job_type=job_type,
-                              config=asdict(config), dir=str(run_dir), id=self.run_id, resume="allow")
+        try:
+            self.run = wandb.init(project=config.project, group=config.group, name=run_name, job_type=job_type,
+                                  config=asdict(config), dir=str(run_dir), id=self.run_id, resume="allow")
+        except Exception as err:  # a bad API key, an unreachable server
+            raise UserError(f"wandb could not start ({str(err).splitlines()[0]}); fix the key or set "
+                            "WANDB_MODE=offline") from None
 
-    def log(self, metrics: Dict[str, float], step: int) -> None:
+    def log(self, metrics: Dict[str, float], step: int, commit: bool = True) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.run.log(metrics, step=step)
+        self.run.log(metrics, step=step, commit=commit)
 
     def finish(self) -> None:
         self.run.finish()
@@ -996,6 +1010,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 # Checkpoints, resume and eval-only
 # ----------------------------------------------------------------------------------------------
 CHECKPOINT_KEYS = ("model_state", "state_mean", "state_std", "config", "step", "state_dim", "action_dim")
+RESUME_KEYS = ("optimizer_state", "scheduler_state", "rng", "dataset_transitions", "best_score", "metrics",
+               "loss_sum", "loss_count")
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -1013,13 +1029,32 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     return checkpoint
 
 
+def given_fields(args: Optional[List[str]]) -> set:
+    """Names of the fields the user set: `--field value`, `--field=value`, and the keys of --config_path's YAML."""
+    args = sys.argv[1:] if args is None else args
+    names = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config_path=")]
+    paths += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config_path"]
+    for path in paths:
+        with open(path) as f:
+            names |= set(yaml.safe_load(f) or {})
+    return names
+
+
 def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ...]) -> TrainConfig:
-    """The saved config, with the command-line fields in `allowed` applied where the user set them
-    (differ from the default); other fields set on the command line are reported as ignored."""
-    config = pyrallis.decode(TrainConfig, saved)
+    """The saved config, with the fields in `allowed` that the user set applied; other fields the user set
+    are reported as ignored."""
+    try:
+        config = pyrallis.decode(TrainConfig, saved)
+    except Exception as err:
+        raise UserError(f"the saved config does not load ({str(err).splitlines()[0]}); it was made by another "
+                        "version of algorithms/dt.py") from None
     default, ignored = TrainConfig(), []
-    for name, value in asdict(cli).items():
-        if value == getattr(default, name) or value == getattr(config, name):
+    given = getattr(cli, "given", None)  # set by parse_config; a config built in code: its non-default fields
+    given = given if given is not None else {k for k, v in asdict(cli).items() if v != getattr(default, k)}
+    for name in sorted(given & set(asdict(cli))):
+        value = getattr(cli, name)
+        if value == getattr(config, name):
             continue
         if name in allowed:
             setattr(config, name, value)
@@ -1078,7 +1113,7 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
     """Eval-only: load a checkpoint, evaluate it with the command line's targets/episodes/seed, log, exit."""
     checkpoint = load_checkpoint(Path(cli.eval_checkpoint).expanduser())
     trained_on = checkpoint["config"]["env_name"]
-    if cli.env_name not in (TrainConfig.env_name, trained_on):
+    if "env_name" in cli.given and cli.env_name != trained_on:
         raise UserError(f"the checkpoint was trained on {trained_on}, not {cli.env_name}; drop --env_name "
                         "or pick a checkpoint of that dataset")
     config = saved_config(cli, checkpoint["config"], allowed=(
@@ -1086,7 +1121,7 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
         "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint"))
     validate_config(config)
     device = resolve_device(config.device)
-    eval_env = config.eval_env or checkpoint.get("eval_env")
+    eval_env = config.eval_env or checkpoint.get("eval_env_spec") or checkpoint.get("eval_env")  # spec: Minari
     ref_min = _first(config.ref_min_score, checkpoint.get("ref_min_score"))
     ref_max = _first(config.ref_max_score, checkpoint.get("ref_max_score"))
     envs = EvalEnvs(functools.partial(make_env, eval_env), config.eval_episodes * len(config.target_returns),
@@ -1097,14 +1132,14 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
                             f"{checkpoint['action_dim']} but env {eval_env} has {envs.state_dim}/{envs.action_dim}")
         model = build_model(config, checkpoint["state_dim"], checkpoint["action_dim"]).to(device)
         model.load_state_dict(checkpoint["model_state"])
-        run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name}-{uuid.uuid4().hex[:8]}"
-        create_dirs(run_dir)
-        with open(run_dir / "config.yaml", "w") as f:
-            pyrallis.dump(config, f)
+        run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
         results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
                            checkpoint["state_mean"], checkpoint["state_std"], config.reward_scale, device)
     finally:
         envs.close()
+    create_dirs(run_dir)  # only now: an error or Ctrl+C during evaluation leaves nothing behind
+    with open(run_dir / "config.yaml", "w") as f:
+        pyrallis.dump(config, f)
     scores = eval_metrics(results, ref_min, ref_max)
     print(format_eval_table(checkpoint["step"], scores, config.target_returns))
     logger = RunLogger(config, run_dir.name, run_dir, job_type="eval")
@@ -1202,7 +1237,11 @@ def resume_point(config: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, A
                         "restore it, or give a new run_dir") from None
     config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers"))
     latest = checkpoint_dir(config, run_dir) / "latest.pt"
-    return config, load_checkpoint(latest) if latest.exists() else None
+    checkpoint = load_checkpoint(latest) if latest.exists() else None
+    missing = [k for k in RESUME_KEYS if checkpoint is not None and k not in checkpoint]
+    if missing:
+        raise UserError(f"{latest} cannot resume a run (it lacks {missing}); start a new run_dir")
+    return config, checkpoint
 
 
 def train(config: TrainConfig) -> Dict[str, float]:
@@ -1290,7 +1329,7 @@ def train(config: TrainConfig) -> Dict[str, float]:
             "scheduler_state": scheduler.state_dict(), "step": step, "rng": rng_states(sampler),
             "state_mean": data.state_mean, "state_std": data.state_std, "state_dim": state_dim,
             "action_dim": action_dim, "dataset_transitions": len(data.states), "config": asdict(config),
-            "eval_env": source.eval_env, "ref_min_score": source.ref_min_score, "ref_max_score": source.ref_max_score,
+            "eval_env": source.eval_env, "eval_env_spec": source.env_spec, "ref_min_score": source.ref_min_score, "ref_max_score": source.ref_max_score,
             "wandb_run_id": logger.run_id, "best_score": best_score, "metrics": metrics,
             "loss_sum": loss_sum.detach().cpu(), "loss_count": loss_count,
         }
@@ -1299,6 +1338,8 @@ def train(config: TrainConfig) -> Dict[str, float]:
 
     def check_finite() -> None:
         bad_step = int(first_bad_step.item())
+        if not bad_step and not all(torch.isfinite(p).all() for p in model.parameters()):
+            bad_step = step  # the loss was finite but the update made the weights NaN/inf
         if bad_step:
             last = ckpt_dir / "latest.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
@@ -1319,10 +1360,12 @@ def train(config: TrainConfig) -> Dict[str, float]:
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), step, first_bad_step)
 
             is_eval = step % config.eval_every == 0 or step == config.update_steps
+            stop_signal = stop.received  # read once: a signal arriving later in this step is handled next step
             if step % config.log_every == 0 or step == config.update_steps:
                 check_finite()
                 metrics = {**metrics, "train_loss": loss_sum.item() / loss_count, "learning_rate": learning_rate}
-                logger.log({k: metrics[k] for k in ("train_loss", "learning_rate")}, step=step)
+                # at an eval step wandb gets this row with the eval row, so a kill during evaluation loses neither
+                logger.log({k: metrics[k] for k in ("train_loss", "learning_rate")}, step=step, commit=not is_eval)
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{learning_rate:.2e}")
                 loss_sum.zero_()
                 loss_count = 0
@@ -1338,14 +1381,14 @@ def train(config: TrainConfig) -> Dict[str, float]:
                 improved = score > best_score
                 best_score = max(best_score, score)
                 save_checkpoint(step, ("best.pt", "latest.pt") if improved else ("latest.pt",))
-            elif stop.received is not None:
+            elif stop_signal is not None:
                 check_finite()
                 save_checkpoint(step, ("latest.pt",))
-            if stop.received is not None and step < config.update_steps:
+            if stop_signal is not None and step < config.update_steps:
                 progress.close()
                 print(f"stopped at step {step}; checkpoint {ckpt_dir / 'latest.pt'}. Resume with:\n"
                       f"  python algorithms/dt.py --run_dir {run_dir}")
-                raise RunStopped(130 if stop.received == signal.SIGINT else 0)
+                raise RunStopped(130 if stop_signal == signal.SIGINT else 0)
     finally:
         stop.restore()
         logger.finish()
@@ -1361,7 +1404,9 @@ def train(config: TrainConfig) -> Dict[str, float]:
 def parse_config(args: Optional[List[str]] = None) -> TrainConfig:
     """The config from --config_path YAML and command-line fields, with one-line errors."""
     try:
-        return pyrallis.parse(config_class=TrainConfig, args=args)
+        config = pyrallis.parse(config_class=TrainConfig, args=args)
+        config.given = given_fields(args)  # not a field: which fields the user set, for resume and eval-only
+        return config
     except FileNotFoundError as err:
         raise UserError(f"config file {err.filename} does not exist") from None
     except pyrallis.utils.ParsingError as err:

@@ -84,6 +84,28 @@ def no_network(tmp: Path) -> list:
     return ["--env_name", "walker2d-medium-replay-v2"]
 
 
+def hub_rows_with_an_empty_trajectory(tmp: Path) -> list:
+    datasets = pytest.importorskip("datasets")
+    step = [[0.0] * 11]
+    rows = {"observations": [step * 3, []], "actions": [[[0.0] * 3] * 3, []], "rewards": [[1.0] * 3, []],
+            "dones": [[False, False, True], []]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / "hub"))
+    return ["--dataset_source", "hf", "--dataset_path", str(tmp / "hub")]
+
+
+def run_dir_with(checkpoint_keys):
+    def make(tmp: Path, checkpoint: Path) -> list:
+        import torch
+        run = tmp / "run"
+        run.mkdir()
+        (run / "config.yaml").write_text((checkpoint.parent / "config.yaml").read_text())
+        full = torch.load(checkpoint, weights_only=False)
+        torch.save({k: full[k] for k in checkpoint_keys}, run / "latest.pt")
+        return ["--run_dir", str(run)]
+    make.needs_checkpoint = True
+    return make
+
+
 def with_checkpoint(*args):
     def make(tmp: Path, checkpoint: Path) -> list:
         return ["--eval_checkpoint", str(checkpoint), *args]
@@ -103,6 +125,7 @@ CASES = [
     ("NaN observation", set_nan("observations"), [], ["'observations'", "NaN or inf"]),
     ("inf reward", set_nan("rewards", np.inf), [], ["'rewards'", "NaN or inf"]),
     ("empty dataset", hdf5_edited(empty), [], ["no transitions"]),
+    ("zero-length trajectory", hub_rows_with_an_empty_trajectory, [], ["row 1 has no observations"]),
     ("zero-size observations", hdf5_edited(zero_features), [], ["observations", "no features"]),
     ("not an HDF5 file", file_with("bad.hdf5", b"this is not hdf5"), ["--dataset_path", "bad.hdf5", "--eval_env", "Hopper-v4"],
      ["cannot read", "bad.hdf5"]),
@@ -119,6 +142,9 @@ CASES = [
     ("heads do not divide width", None, ["--num_heads", "3"], ["divisible by num_heads"]),
     ("inverted reference scores", None, ["--ref_min_score", "10", "--ref_max_score", "5"], ["ref_min_score < ref_max_score"]),
     ("unknown device", None, ["--device", "tpu"], ["unknown device 'tpu'"]),
+    ("negative seed", None, ["--eval_seed", "-1"], ["eval_seed must be >= 0"]),
+    ("betas out of range", None, ["--betas", "[0.9,1.5]"], ["betas", "[0, 1)"]),
+    ("negative weight decay", None, ["--weight_decay", "-1"], ["weight_decay must be >= 0"]),
     ("wrong type on the command line", None, ["--batch_size", "abc"], ["batch_size", "abc"]),
     ("unknown YAML field", yaml_config("env_name: hopper-medium-v2\nbatchsize: 4\n"), [], ["batchsize"]),
     ("wrong type in YAML", yaml_config("eval_seed: twenty\n"), [], ["eval_seed", "twenty"]),
@@ -129,6 +155,7 @@ CASES = [
     ("corrupt checkpoint", file_with("bad.pt", b"\x00garbage"), ["--eval_checkpoint", "bad.pt"], ["cannot read checkpoint", "bad.pt"]),
     ("checkpoint for other state/action sizes", with_checkpoint("--eval_env", "Walker2d-v4"), [],
      ["state/action sizes 11/3", "Walker2d-v4 has 17/6"]),
+    ("run_dir whose checkpoint cannot resume", run_dir_with(dt.CHECKPOINT_KEYS), [], ["cannot resume", "optimizer_state"]),
     ("checkpoint of another dataset", with_checkpoint("--env_name", "walker2d-medium-v2"), [],
      ["trained on hopper-medium-v2", "walker2d-medium-v2"]),
 ]

@@ -13,13 +13,16 @@ from conftest import ROOT
 def test_high_target_beats_low_target_and_the_data(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the config names the dataset relative to the repository
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    # lr 3e-4 and targets inside the data's range (max episode return 1427): ordered at every evaluation
+    # from update 1000 on for the seeds tried (0, 1); lr 1e-3 or a 1500 target sometimes swap order this early
     config = dt.parse_config(["--config_path", "configs/dt/quickstart.yaml", "--update_steps", "2000",
+                              "--learning_rate", "3e-4", "--target_returns", "[1000,500]",
                               "--eval_every", "2000", "--eval_episodes", "10", "--train_seed", "0",
                               "--runs_dir", str(tmp_path), "--device", "cpu", "--eval_workers", "0"])
     metrics = dt.train(config)
     with h5py.File(ROOT / "datasets/hopper_medium_replay.hdf5") as f:
         dataset_mean = float(f.attrs["dataset_mean_return"])  # 437.1: mean episode return of the data
-    high, low = metrics["eval/1500.0_return_mean"], metrics["eval/500.0_return_mean"]
+    high, low = metrics["eval/1000.0_return_mean"], metrics["eval/500.0_return_mean"]
     print(f"high target: {high:.1f}, low target: {low:.1f}, dataset mean: {dataset_mean:.1f}")
     assert high > low + 100, "conditioning on a higher return does not give a higher return"
     assert high > dataset_mean + 100, "the policy does not beat the data it was trained on"

@@ -211,3 +211,17 @@ def test_nan_from_a_diverging_learning_rate(env, tmp_path):
                  env, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "NaN/inf at step" in result.stderr and "no checkpoint was written yet" in result.stderr
+
+
+def test_fields_set_to_their_default_value_still_override_the_saved_config(tmp_path):
+    import dataclasses
+    import dt
+    saved = dataclasses.asdict(dt.TrainConfig(eval_episodes=20, eval_seed=7, env_name="hopper-medium-v2"))
+    cli = dt.parse_config(["--eval_checkpoint", "x.pt", "--eval_episodes", "100", "--eval_seed=42"])
+    config = dt.saved_config(cli, saved, allowed=("eval_episodes", "eval_seed", "eval_checkpoint"))
+    assert (config.eval_episodes, config.eval_seed) == (100, 42)  # both equal TrainConfig's defaults
+    (tmp_path / "c.yaml").write_text("eval_episodes: 100\n")
+    cli = dt.parse_config(["--config_path", str(tmp_path / "c.yaml")])
+    assert dt.saved_config(cli, saved, allowed=("eval_episodes",)).eval_episodes == 100
+    cli = dt.parse_config([])  # nothing set: the saved values stay
+    assert dt.saved_config(cli, saved, allowed=("eval_episodes",)).eval_episodes == 20

@@ -17,6 +17,7 @@ hopper-medium_v2), or the file's stem for a config elsewhere. Then `python bench
 """
 import argparse
 import contextlib
+import fcntl
 import functools
 import io
 import json
@@ -27,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import IO, Dict, List, Optional, Tuple
 
 import pyrallis
 import torch
@@ -50,6 +51,7 @@ RESERVED_FIELDS = ("config_path", "train_seed", "run_dir", "eval_checkpoint")
 # fields a resumed run may change (dt.py's own rule): where it runs, not what it computes
 RESOURCE_FIELDS = ("run_dir", "device", "eval_workers")
 LOG_NAME = "grid.log"
+LOCK_NAME = "grid.lock"
 PLAN_NAME = "grid.json"
 
 
@@ -256,25 +258,42 @@ def last_error_line(log: Path) -> str:
 class Running:
     run: GridRun
     process: subprocess.Popen
+    lock: IO  # the run folder's lock, released when the run has exited
     started: float
     signals_sent: int = 0
 
 
+def lock_run_folder(run_dir: Path) -> Optional[IO]:
+    """An exclusive lock on run_dir/grid.lock, or None while another process holds it."""
+    handle = open(run_dir / LOCK_NAME, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def start_run(run: GridRun, grid_dir: Path, slot: int, parallel: int, gpus: List[str], cores: int,
-              overrides: Dict[str, str]) -> Tuple[subprocess.Popen, str]:
-    """Start dt.py for the run in its folder, output appended to its grid.log; returns (process, resources)."""
+              overrides: Dict[str, str]) -> Optional[Tuple[subprocess.Popen, IO, str]]:
+    """Start dt.py for the run in its folder, output appended to its grid.log; returns (process, lock,
+    resources), or None when the folder is locked by a run still going (from another grid, or one killed)."""
     run_dir = grid_dir / run.label
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(run_dir)
+    if lock is None:
+        return None
     env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
     command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args, *extra, f"--run_dir={run_dir}"]
     with open(run_dir / LOG_NAME, "a") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} grid: {' '.join(command)}\n")
         log.flush()
         # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once
-        # (dt.py takes a second SIGINT as "stop at once, without a checkpoint")
+        # (dt.py takes a second SIGINT as "stop at once, without a checkpoint");
+        # pass_fds: the run holds the folder's lock too, so it stays locked if this grid is killed
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                   start_new_session=True)
-    return process, described
+                                   start_new_session=True, pass_fds=(lock.fileno(),))
+    return process, lock, described
 
 
 def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: float, overrides: Dict[str, str],
@@ -320,8 +339,14 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
             for slot in range(parallel):
                 if slot not in running and pending and not stop_signals:
                     run = pending.pop(0)
-                    process, described = start_run(run, grid_dir, slot, parallel, gpus, cores, overrides)
-                    running[slot] = Running(run, process, time.monotonic())
+                    started = start_run(run, grid_dir, slot, parallel, gpus, cores, overrides)
+                    if started is None:
+                        reason = f"{grid_dir / run.label} is in use by another process (a run still going?)"
+                        failed[run.label] = f"not started: {reason}"
+                        print(f"[{clock()}] skipped {run.label}: {reason}", flush=True)
+                        continue
+                    process, lock, described = started
+                    running[slot] = Running(run, process, lock, time.monotonic())
                     verb = "resuming" if states[run.label][0] == "resume" else "starting"
                     print(f"[{clock()}] {verb} {run.label} ({described}; log {grid_dir / run.label / LOG_NAME})",
                           flush=True)
@@ -344,6 +369,7 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
                 if code is None:
                     continue
                 del running[slot]
+                job.lock.close()
                 label, run_dir = job.run.label, grid_dir / job.run.label
                 took = duration(time.monotonic() - job.started)
                 if code == 0 and run_state(job.run, grid_dir)[0] == "done":
@@ -438,7 +464,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             sub.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
         else:
             sub.add_argument("--out", required=True, help="sweep YAML to write")
-            sub.add_argument("--runs_dir", help="runs_dir of the sweep's runs on each machine (default runs/<out stem>)")
+            sub.add_argument("--runs_dir", help="runs_dir of the sweep's runs on each machine "
+                             "(default runs/<out stem>)")
             sub.add_argument("--project", help="wandb project (default: the configs' project field)")
     return parser.parse_args(argv)
 

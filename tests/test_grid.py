@@ -171,3 +171,15 @@ def test_config_labels_are_unique_folder_names():
     assert grid.config_label("/elsewhere/my_idea.yaml") == "my_idea"
     with pytest.raises(dt.UserError, match="would share the run folders"):
         grid.plan_grid([str(ROOT / "configs/dt/quickstart.yaml"), "/tmp/elsewhere/quickstart.yaml"], [0], [])
+
+
+def test_a_folder_in_use_is_not_started_twice(grid_env, tmp_path):
+    config = write_config(tmp_path / "c.yaml")
+    (tmp_path / "grid" / "c-seed0").mkdir(parents=True)
+    with open(tmp_path / "grid" / "c-seed0" / "grid.lock", "w") as held:  # as a run of a killed grid holds it
+        grid.fcntl.flock(held, grid.fcntl.LOCK_EX)
+        result = subprocess.run(grid_command("run", "--configs", config, "--seeds", "0", "--grid_dir", "grid"),
+                                env=grid_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "skipped c-seed0" in result.stdout and "FAILED c-seed0: not started" in result.stdout
+    assert not (tmp_path / "grid" / "c-seed0" / "config.yaml").exists()

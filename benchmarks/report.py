@@ -80,6 +80,7 @@ class RunResult:
     target: Optional[float] = None  # the highest target return
     metric: str = NORMALIZED
     curve: List[Tuple[int, float]] = field(default_factory=list)  # (step, mean score at target) per evaluation
+    data_mean: Optional[float] = None  # the training data's mean episode score, when its file records it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +105,27 @@ def experiment_fields(config: TrainConfig) -> Dict[str, Any]:
 
 def config_id(fields: Dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def data_mean_score(config: TrainConfig, metric: str) -> Optional[float]:
+    """The mean episode return of the run's own data file (HDF5 attribute dataset_mean_return, written by
+    benchmarks/make_dataset.py), normalized like the run's scores; None when there is no such file or value."""
+    if not config.dataset_path or not Path(config.dataset_path).is_file():
+        return None
+    try:
+        import h5py
+        with h5py.File(config.dataset_path, "r") as f:
+            attrs = {k: f.attrs[k] for k in ("dataset_mean_return", "ref_min_score", "ref_max_score") if k in f.attrs}
+    except (OSError, ImportError):
+        return None
+    if "dataset_mean_return" not in attrs:
+        return None
+    mean_return = float(attrs["dataset_mean_return"])
+    if metric == RETURN:
+        return mean_return
+    ref_min = config.ref_min_score if config.ref_min_score is not None else attrs.get("ref_min_score")
+    ref_max = config.ref_max_score if config.ref_max_score is not None else attrs.get("ref_max_score")
+    return None if ref_min is None or ref_max is None else 100 * (mean_return - ref_min) / (ref_max - ref_min)
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
@@ -144,6 +166,7 @@ def read_run(folder: Path) -> Optional[RunResult]:
     result.metric = RETURN if evals and any(normalized_key not in row for row in evals) else NORMALIZED
     key = normalized_key if result.metric == NORMALIZED else return_key
     result.curve = [(row["step"], float(row[key])) for row in evals]
+    result.data_mean = data_mean_score(config, result.metric)
     last_logged = max(row["step"] for row in rows)
     if result.curve and result.curve[-1][0] >= config.update_steps:
         result.status = "finished"
@@ -270,6 +293,7 @@ def table_rows(groups: List[Group]) -> List[Dict[str, Any]]:
             "last_mean": last[0], "last_std": last[1], "best_mean": best[0], "best_std": best[1],
             "dt_paper": published[0], "corl_last": published[1], "corl_last_std": published[2],
             "corl_best": published[3],
+            "data_mean": next((run.data_mean for run in group.finished + group.incomplete), None),
         })
     return rows
 
@@ -303,6 +327,10 @@ def markdown(rows: List[Dict[str, Any]], problems: List[RunResult], differences:
                          f"{fmt(row['dt_paper'])} | {fmt(row['corl_last'], row['corl_last_std'])} | "
                          f"{fmt(row['corl_best'])} |")
         lines.append("")
+        for dataset, data_mean in dict.fromkeys((r["dataset"], r["data_mean"]) for r in family_rows
+                                                if r["data_mean"] is not None):
+            lines += [f"{dataset}: the training data's own mean episode score is {data_mean:.2f} (its file's "
+                      "`dataset_mean_return`).", ""]
         for dataset in dict.fromkeys(row["dataset"] for row in family_rows):
             if dataset in plots:
                 lines += [f"![{dataset}]({plots[dataset]})", ""]
@@ -313,8 +341,17 @@ def markdown(rows: List[Dict[str, Any]], problems: List[RunResult], differences:
                                   for cid, fields in configs.items())
             lines.append(f"- {dataset}: {described}")
         lines.append("")
+    repeated = [(row, seed) for row in rows for seed in sorted(set(row["seed_list"].split()))
+                if row["seed_list"].split().count(seed) > 1]
+    if repeated:
+        lines += ["## Repeated seeds", ""]
+        lines += [f"- {row['dataset']} config {row['config']}: train_seed {seed} finished in "
+                  f"{row['seed_list'].split().count(seed)} folders; each counts as a seed in the mean"
+                  for row, seed in repeated]
+        lines.append("")
     if problems:
-        lines += ["## Not averaged in", "", "| run folder | dataset | seed | status | how far |", "|---|---|---|---|---|"]
+        lines += ["## Not averaged in", "", "| run folder | dataset | seed | status | how far |",
+                  "|---|---|---|---|---|"]
         for run in problems:
             seed = "-" if run.seed is None else str(run.seed)
             lines.append(f"| {run.folder} | {run.env_name or '-'} | {seed} | {run.status} | {run.detail} |")
@@ -333,8 +370,9 @@ def write_csv(rows: List[Dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def plot_dataset(dataset: str, groups: List[Group], path: Path) -> None:
-    """Learning curves of one dataset: per config, mean over seeds with a ±std band and each seed faint."""
+def plot_dataset(dataset: str, groups: List[Group], path: Path, differences: Dict[str, Dict[str, Any]]) -> None:
+    """Learning curves of one dataset: per config, mean over seeds with a ±std band and each seed faint.
+    differences: config id -> the fields in which the dataset's configs differ (named in the legend)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -348,9 +386,14 @@ def plot_dataset(dataset: str, groups: List[Group], path: Path) -> None:
         for seed_scores in scores:
             ax.plot(steps, seed_scores, color=color, alpha=0.25, linewidth=0.8)
         mean, std = scores.mean(axis=0), scores.std(axis=0)
-        label = f"config {group.config_id}, {len(group.finished)} seed{'s' if len(group.finished) > 1 else ''}"
+        fields = ", ".join(f"{k}={json.dumps(v)}" for k, v in differences.get(group.config_id, {}).items())
+        label = (f"config {group.config_id}" + (f" ({fields[:60]})" if fields else "") +
+                 f", {len(group.finished)} seed{'s' if len(group.finished) > 1 else ''}")
         ax.plot(steps, mean, color=color, linewidth=2, marker="o", markersize=3, label=label + " (mean ± std)")
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    data_mean = groups[0].finished[0].data_mean
+    if data_mean is not None:
+        ax.axhline(data_mean, color="tab:red", linestyle="-.", linewidth=1.2, label=f"training data mean {data_mean:.2f}")
     published = PUBLISHED_SCORES.get(dataset) if metric == NORMALIZED else None
     if published and published[0] is not None:
         ax.axhline(published[0], color="black", linestyle="--", linewidth=1.2, label=f"DT paper {published[0]:g}")
@@ -389,14 +432,16 @@ def report(roots: List[Path], out_dir: Path, command: str, plots: bool = True) -
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_files: Dict[str, str] = {}
+        differences = config_differences(runs)
         if plots:
             for dataset in dict.fromkeys(g.env_name for g in groups if g.finished):
                 with_seeds = [g for g in groups if g.env_name == dataset and g.finished]
                 for metric in dict.fromkeys(g.metric for g in with_seeds):  # one plot per kind of score
                     name = plot_name(dataset if metric == NORMALIZED else f"{dataset}-return")
-                    plot_dataset(dataset, [g for g in with_seeds if g.metric == metric], out_dir / name)
+                    plot_dataset(dataset, [g for g in with_seeds if g.metric == metric], out_dir / name,
+                                 differences.get(dataset, {}))
                     plot_files.setdefault(dataset, name)
-        text = markdown(rows, problems, config_differences(runs), plot_files, command, skipped_eval_only)
+        text = markdown(rows, problems, differences, plot_files, command, skipped_eval_only)
         write_text(out_dir / "results.md", text)
         write_text(out_dir / "results.csv", write_csv(rows))
     except OSError as err:

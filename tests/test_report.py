@@ -128,6 +128,10 @@ def test_other_configs_are_kept_apart_and_named(tmp_path):
     text, rows = run_report(tmp_path, runs)
     assert sorted((r["seeds"], r["last_mean"]) for r in rows.values()) == [(1, 90.0), (2, 15.0)]
     assert "## Configs not averaged together" in text and "batch_size=64" in text and "batch_size=256" in text
+    assert "## Repeated seeds" not in text
+    write_run(runs / "b0-copy", seed=0, scores=curve(80.0, 80.0, 80.0), extra_config="batch_size: 256\n")
+    text, rows = run_report(tmp_path, runs)
+    assert "train_seed 0 finished in 2 folders; each counts as a seed in the mean" in text.split("## Repeated seeds")[1]
 
 
 def test_returns_when_the_runs_have_no_reference_scores(tmp_path):
@@ -158,3 +162,18 @@ def test_files_written_and_cli_errors(tmp_path):
                               "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == \
         [f"error: {tmp_path / 'nope'} is not a folder; give run folders or folders that hold them"]
+
+
+def test_training_data_mean_from_the_data_file(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    data = tmp_path / "mine.hdf5"
+    with h5py.File(data, "w") as f:
+        f.attrs.update({"dataset_mean_return": 437.0, "ref_min_score": -20.0, "ref_max_score": 3234.0})
+    write_run(tmp_path / "runs" / "r0", env_name="my-hopper", scores=curve(1.0, 2.0, 3.0),
+              extra_config=f"dataset_path: {data}\n")
+    write_run(tmp_path / "runs" / "r1", env_name="my-hopper", seed=1, scores=curve(1.0, 2.0, 3.0),
+              extra_config=f"dataset_path: {data}\nref_min_score: 0.0\nref_max_score: 1000.0\n")
+    text, rows = run_report(tmp_path, tmp_path / "runs")
+    # the config's reference scores win over the file's, as in dt.py
+    assert sorted(row["data_mean"] for row in rows.values()) == pytest.approx([100 * 457 / 3254, 43.7])
+    assert "the training data's own mean episode score is 14.04" in text

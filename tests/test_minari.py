@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pyrallis
 import pytest
+import torch
 
 import dt
 from conftest import ROOT
@@ -233,6 +234,14 @@ def test_cli_trains_and_evaluates_in_the_recovered_env(minari_root, tmp_path):
     assert evaluation["step"] == 4 and 0.0 <= evaluation["eval/12.0_return_mean"] <= 12.0  # 12-step episodes
     assert evaluation["eval/12.0_normalized_score_mean"] == pytest.approx(100 * evaluation["eval/12.0_return_mean"] / 12.0)
     assert "eval env PointMaze_UMaze-v3" in result.stdout
+    # eval-only evaluates in the same recovered env (its spec travels in the checkpoint): the same row again
+    spec = torch.load(run_dir / "latest.pt", weights_only=False)["eval_env_spec"]
+    assert spec.id == "PointMaze_UMaze-v3" and spec.max_episode_steps == 12  # the dataset's, not the registry's
+    result = run_dt(["--eval_checkpoint", str(run_dir), "--eval_workers", "1", "--runs_dir", "evals"], root, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (eval_dir,) = (tmp_path / "evals").iterdir()
+    assert eval_dir.name.startswith("DT-eval-test-pointmaze-random-v0-")
+    assert [json.loads(line) for line in (eval_dir / "metrics.jsonl").read_text().splitlines()] == [evaluation]
 
 
 def test_cli_missing_dataset_without_network_is_one_line(minari_root, tmp_path):

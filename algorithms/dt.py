@@ -989,18 +989,24 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             tmp.unlink()
 
 
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """The rows of a metrics.jsonl that have a step, skipping a row cut off by a crash."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the rows of metrics.jsonl up to last_step (the checkpoint a resumed run restarts from)."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a row cut off by a crash
-            continue
-        if row.get("step", last_step + 1) <= last_step:
-            keep.append(line + "\n")
+    keep = [json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= last_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)

@@ -33,7 +33,7 @@ import pyrallis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "algorithms"))
-from dt import TrainConfig, UserError  # noqa: E402
+from dt import TrainConfig, UserError, normalized_score, read_metrics  # noqa: E402
 
 # Published DT scores, normalized, at the highest target (/work reference table: DT paper, Chen et al. 2021;
 # CORL's DT: "last" = mean +- std over 4 seeds of the final evaluation, "best" = mean of each seed's best)
@@ -125,19 +125,7 @@ def data_mean_score(config: TrainConfig, metric: str) -> Optional[float]:
         return mean_return
     ref_min = config.ref_min_score if config.ref_min_score is not None else attrs.get("ref_min_score")
     ref_max = config.ref_max_score if config.ref_max_score is not None else attrs.get("ref_max_score")
-    return None if ref_min is None or ref_max is None else 100 * (mean_return - ref_min) / (ref_max - ref_min)
-
-
-def read_metrics(path: Path) -> List[Dict[str, Any]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a row cut off by a crash
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+    return None if ref_min is None or ref_max is None else float(normalized_score(mean_return, ref_min, ref_max))
 
 
 def read_run(folder: Path) -> Optional[RunResult]:

@@ -4,7 +4,9 @@ one-episode-at-a-time rollout of the public baseline, on Hopper-v4 with the defa
     python benchmarks/eval_speed.py                      # 100 episodes x 2 targets x 1000 steps
     python benchmarks/eval_speed.py --workers 0 2 4      # also compare env worker processes
 
-Prints figures, asserts nothing. Every episode runs the full horizon: the envs are made with
+Prints figures, asserts nothing. The forward/env split of worker rollouts is the mean over the
+workers, which run at the same time; their forward GFLOP/s is that of all workers together.
+Every episode runs the full horizon: the envs are made with
 `terminate_when_unhealthy=False`, so no episode ends early whatever the (untrained) model does; the
 simulation and the forward pass cost the same per step as with a model that keeps the hopper alive.
 """
@@ -24,37 +26,6 @@ from flops import forward_flops, matmul_peak  # noqa: E402
 
 def make_long_hopper() -> gym.Env:
     return dt.make_env("Hopper-v4", terminate_when_unhealthy=False)
-
-
-class TimedDT(dt.DecisionTransformer):
-    """The real model, timing each forward pass and counting its FLOPs."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seconds, self.flops, self.calls = 0.0, 0.0, 0
-
-    def forward(self, states, actions, returns_to_go, timesteps, padding_mask=None, last_only=False):
-        start = time.perf_counter()
-        out = super().forward(states, actions, returns_to_go, timesteps, padding_mask, last_only)
-        if out.is_cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - start
-        self.flops += forward_flops(self, states.shape[0], states.shape[1], last_only)
-        self.calls += 1
-        return out
-
-
-class TimedEnvs(dt.EvalEnvs):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seconds, self.steps = 0.0, 0
-
-    def step(self, episodes, actions):
-        start = time.perf_counter()
-        out = super().step(episodes, actions)
-        self.seconds += time.perf_counter() - start
-        self.steps += len(episodes)
-        return out
 
 
 @torch.no_grad()
@@ -86,47 +57,59 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=100, help="episodes per target")
     parser.add_argument("--targets", type=float, nargs="+", default=[3600.0, 1800.0])
     parser.add_argument("--horizon", type=int, default=1000, help="episode_len")
-    parser.add_argument("--single_episodes", type=int, default=2, help="episodes timed on the one-at-a-time path")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0], help="eval_workers values to time")
+    parser.add_argument("--single_episodes", type=int, default=3, help="episodes timed on the one-at-a-time path")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, -1], help="eval_workers values to time")
+    parser.add_argument("--step_workers", action="store_true",
+                        help="with workers, also time the GPU's way on CPU: the model here, workers only step envs")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = dt.resolve_device(args.device)
+    dt.keep_freed_memory()  # as dt.py's main() does
     torch.manual_seed(0)
-    model = TimedDT(11, 3, episode_len=args.horizon).to(device).eval()  # default size: E=128, 3 layers, K=20
+    model = dt.DecisionTransformer(11, 3, episode_len=args.horizon).to(device).eval()  # default: E=128, 3 layers, K=20
     num = args.episodes * len(args.targets)
     mean, std = np.zeros(11, np.float32), np.ones(11, np.float32)
     print(f"device {device}, torch threads {torch.get_num_threads()}, Hopper-v4, {num} episodes x {args.horizon} steps")
+    # every episode runs the whole horizon: FLOPs of one episode's forward passes, context 1..K then K
+    episode_flops = sum(forward_flops(model, 1, min(t + 1, model.seq_len), True) for t in range(args.horizon))
 
-    env = make_long_hopper()
-    model.seconds = model.flops = model.calls = 0
-    start, steps = time.perf_counter(), 0
-    for i in range(args.single_episodes):
-        steps += one_at_a_time(model, env, args.targets[0], 42 + i, 0.001, device)
-    single_time = time.perf_counter() - start
-    single_rate = steps / single_time
-    print(f"one at a time: {steps} steps in {single_time:.1f} s = {single_rate:.0f} episode-steps/s "
-          f"(forward {model.seconds / single_time:.0%} of the time)")
+    def time_single() -> float:
+        env, start, steps = make_long_hopper(), time.perf_counter(), 0
+        for i in range(args.single_episodes):
+            steps += one_at_a_time(model, env, args.targets[0], 42 + i, 0.001, device)
+        rate = steps / (time.perf_counter() - start)
+        print(f"one at a time: {steps} steps, {rate:.0f} episode-steps/s", flush=True)
+        return rate
 
+    single_rates = [time_single()]
     peak = matmul_peak(num * (3 * model.seq_len - 1), model.timestep_emb.embedding_dim, device)
+    runs = [(w, None) for w in args.workers] + [(w, False) for w in args.workers if w and args.step_workers]
     rows = []
-    for workers in args.workers:
-        envs = TimedEnvs(make_long_hopper, num, workers)
-        model.seconds = model.flops = model.calls = 0
+    for workers, worker_rollouts in runs:
+        envs = dt.EvalEnvs(make_long_hopper, num, workers)
+        timing = {"forward": 0.0, "env": 0.0}
         start = time.perf_counter()
-        dt.evaluate(model, envs, tuple(args.targets), args.episodes, 42, mean, std, 0.001, device)
+        dt.evaluate(model, envs, tuple(args.targets), args.episodes, 42, mean, std, 0.001, device,
+                    worker_rollouts, timing)
         total = time.perf_counter() - start
         envs.close()
-        rate = envs.steps / total
-        rows.append((workers, rate, rate / single_rate, model.seconds / total, envs.seconds / total,
-                     model.flops / model.seconds))
-        print(f"batched, eval_workers={workers}: {envs.steps} steps in {total:.1f} s", flush=True)
+        mode = "in-process" if envs.workers == 0 else \
+            "workers step envs" if worker_rollouts is False or device.type != "cpu" else "worker rollouts"
+        rows.append((workers, envs.workers, mode, num * args.horizon / total, timing["forward"] / total,
+                     timing["env"] / total, num * episode_flops / timing["forward"]))
+        print(f"batched, eval_workers={workers} ({mode}): {num * args.horizon} steps in {total:.1f} s", flush=True)
+    single_rates.append(time_single())  # again: the machine's speed drifts
+    single_rate = float(np.mean(single_rates))
 
     print(f"\nmatmul peak ({num * (3 * model.seq_len - 1)}x128 @ 128x512, fp32): {peak / 1e9:.1f} GFLOP/s")
-    print("| eval_workers | batched episode-steps/s | one-at-a-time episode-steps/s | ratio | forward | env step | other | forward GFLOP/s (% of matmul peak) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for workers, rate, ratio, fwd, env_share, flops in rows:
-        print(f"| {workers} | {rate:.0f} | {single_rate:.0f} | {ratio:.1f}x | {fwd:.0%} | {env_share:.0%} | "
-              f"{1 - fwd - env_share:.0%} | {flops / 1e9:.1f} ({flops / peak:.0%}) |")
+    print(f"one at a time (mean of the runs before and after): {single_rate:.0f} episode-steps/s")
+    print("| eval_workers | evaluation | batched episode-steps/s | one-at-a-time episode-steps/s | ratio | forward "
+          "| env step | other | forward GFLOP/s (% of matmul peak) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for workers, used, mode, rate, fwd, env_share, flops in rows:
+        label = f"{workers} (= {used})" if workers == -1 else str(workers)
+        print(f"| {label} | {mode} | {rate:.0f} | {single_rate:.0f} | {rate / single_rate:.1f}x | {fwd:.0%} | "
+              f"{env_share:.0%} | {max(0.0, 1 - fwd - env_share):.0%} | {flops / 1e9:.1f} ({flops / peak:.0%}) |")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def time_updates(config: dt.TrainConfig, data: dt.OfflineData, device: torch.dev
     sampler = dt.WindowSampler(data, config.seq_len, device, seed=0)
     model, optimizer, scheduler = dt.build_training(config, data.states.shape[1], data.actions.shape[1], device)
     train_model = torch.compile(model) if config.compile else model
-    micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else 64)
+    micro_batch = dt.auto_micro_batch(config.micro_batch, config.batch_size, device)
     totals = np.zeros(3)
     for i in range(warmup + updates):
         marks = [time.perf_counter()]
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--micro_batch", type=int, default=0, help="0: dt.py's automatic choice")
     args = parser.parse_args()
     device = dt.resolve_device(args.device)
+    dt.keep_freed_memory()  # as dt.py's main() does
     dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     print(f"device {device}, torch threads {torch.get_num_threads()}, compile {args.compile}, dtype {dtype}, "
           f"micro_batch {args.micro_batch or 'auto'}")

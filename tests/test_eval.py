@@ -104,15 +104,32 @@ def test_worker_processes_give_the_same_results():
     args = ((3600.0, 1800.0), 3, 11, np.zeros(11, np.float32), np.ones(11, np.float32), 0.001, CPU)
     in_process = dt.evaluate(model, dt.EvalEnvs(strict_hopper, 6), *args)
     envs = dt.EvalEnvs(strict_hopper, 6, workers=2)
+    timing = {"forward": 0.0, "env": 0.0}
     try:
-        with_workers = dt.evaluate(model, envs, *args)
+        rollouts = dt.evaluate(model, envs, *args, timing=timing)  # CPU: each worker runs its episodes
+        stepped = dt.evaluate(model, envs, *args, worker_rollouts=False)  # GPU's way: workers only step envs
         again = dt.evaluate(model, envs, *args)  # the pool is reused across evaluations
     finally:
         envs.close()
     for target in (3600.0, 1800.0):
-        np.testing.assert_array_equal(with_workers[target], in_process[target])
-        np.testing.assert_array_equal(again[target], in_process[target])
+        np.testing.assert_array_equal(stepped[target], in_process[target])  # the same forward passes, here
+        # the workers' own forward passes (other batch, 1 thread) round differently, a few ulps per step
+        np.testing.assert_allclose(rollouts[target], in_process[target], rtol=1e-6)
+        np.testing.assert_array_equal(again[target], rollouts[target])
+    assert timing["forward"] > 0 and timing["env"] > 0  # the workers report where their time went
     assert dt.EvalEnvs(strict_hopper, 4, workers=-1).workers == 0  # auto: no worker for a handful of envs
+
+
+def test_worker_rollout_errors_reach_the_caller():
+    model = hopper_model(episode_len=20)
+    envs = dt.EvalEnvs(strict_hopper, 2, workers=2)
+    try:
+        with pytest.raises(RuntimeError, match="worker .* failed: RuntimeError"):  # wrong state size for the model
+            dt.evaluate(model, envs, (3600.0,), 2, 0, np.zeros(5, np.float32), np.ones(5, np.float32), 0.001, CPU)
+        ok = dt.evaluate(model, envs, (3600.0,), 2, 0, np.zeros(11, np.float32), np.ones(11, np.float32), 0.001, CPU)
+    finally:
+        envs.close()
+    assert len(ok[3600.0]) == 2  # the workers survive a failed rollout
 
 
 def test_eval_seed_makes_evaluation_repeatable():

@@ -44,7 +44,7 @@ def time_updates(config: dt.TrainConfig, data: dt.OfflineData, device: torch.dev
     sampler = dt.WindowSampler(data, config.seq_len, device, seed=0)
     model, optimizer, scheduler = dt.build_training(config, data.states.shape[1], data.actions.shape[1], device)
     train_model = torch.compile(model) if config.compile else model
-    micro_batch = dt.auto_micro_batch(config.micro_batch, config.batch_size, device)
+    micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else 64)
     totals = np.zeros(3)
     for i in range(warmup + updates):
         marks = [time.perf_counter()]

@@ -620,22 +620,22 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)
         self.proj = nn.Linear(embedding_dim, embedding_dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], last_only: bool = False) -> torch.Tensor:
-        """x [B, L, E] -> [B, L, E], or [B, 1, E] for the last token only (its query sees every key)."""
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], queries: Optional[slice] = None) -> torch.Tensor:
+        """x [B, L, E] -> [B, L, E]; with queries (a slice of the L positions, attn_mask cut to their rows)
+        only the outputs of those positions, [B, Q, E], each query still seeing every key it may."""
         batch, length, dim = x.shape
         head_dim = dim // self.num_heads
-        if last_only:  # one query instead of L: no FLOPs for outputs nobody reads
+        if queries is None:  # [B, L, 3E] -> [3, B, heads, L, E/heads]
+            q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        else:  # queries only where an output is read: no FLOPs for outputs nobody reads
             w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
             b_q, b_kv = self.qkv.bias.split([dim, 2 * dim])
-            q = F.linear(x[:, -1:], w_q, b_q).view(batch, 1, self.num_heads, head_dim).transpose(1, 2)
+            q = F.linear(x[:, queries], w_q, b_q).view(batch, -1, self.num_heads, head_dim).transpose(1, 2)
             k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-            attn_mask = None if attn_mask is None else attn_mask[:, :, -1:]
-        else:  # [B, L, 3E] -> [3, B, heads, L, E/heads]
-            q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=attn_mask,  # causal and key padding; None: causal, unpadded
-            is_causal=attn_mask is None and not last_only,
+            attn_mask=attn_mask,  # causal and key padding; None: causal (or a last query that sees all)
+            is_causal=attn_mask is None and queries is None,
             dropout_p=self.attention_dropout if self.training else 0.0,  # dropout on attention weights
         )
         return self.proj(y.transpose(1, 2).reshape(batch, q.shape[2], dim))
@@ -660,9 +660,9 @@ class TransformerBlock(nn.Module):
             nn.Dropout(residual_dropout),
         )
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], last_only: bool = False) -> torch.Tensor:
-        attention = self.attention(self.norm1(x), attn_mask, last_only)
-        x = x[:, -1:] if last_only else x
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], queries: Optional[slice] = None) -> torch.Tensor:
+        attention = self.attention(self.norm1(x), attn_mask, queries)
+        x = x if queries is None else x[:, queries]
         x = x + self.attention_drop(attention)  # pre-norm GPT block
         return x + self.mlp(self.norm2(x))
 
@@ -707,8 +707,9 @@ class DecisionTransformer(nn.Module):
         """states [B,T,S], actions [B,T,A], returns_to_go [B,T], timesteps [B,T], padding_mask [B,T]
         (True = real step, None = no padding) -> predicted actions [B,T,A].
 
-        last_only: return only the action of the last step, [B,A], computing just what it needs: the
-        last action token (a placeholder) is dropped and the last block processes one query.
+        last_only: return only the action of the last step, [B,A] (evaluation).
+        Only what the predictions need is computed: the last action token is dropped (causal attention:
+        no state token sees it) and the last block outputs only the state tokens (or the last one).
         """
         batch, steps = states.shape[:2]
         time_emb = self.timestep_emb(timesteps)  # shared timestep embedding for R, s, a of one step
@@ -717,19 +718,23 @@ class DecisionTransformer(nn.Module):
             self.state_emb(states) + time_emb,
             self.action_emb(actions) + time_emb,
         ], dim=2).reshape(batch, 3 * steps, -1)  # [B, T, 3, E] -> [B, 3T, E]: R_0, s_0, a_0, R_1, ...
-        length = 3 * steps - 1 if last_only else 3 * steps  # a_T only influences later tokens
+        length = 3 * steps - 1  # a_T only influences later tokens, and there are none
         x = self.emb_drop(self.emb_norm(tokens[:, :length]))
-        attn_mask = None
+        # the last block's outputs: every state token s_t (predicts a_t), or only the last one
+        queries = slice(length - 1, None) if last_only else slice(1, None, 3)
+        attn_mask = last_mask = None  # None: causal (is_causal), or a last query that sees every key
         if padding_mask is not None:
-            key_mask = padding_mask.repeat_interleave(3, dim=1)[:, :length]  # [B, 3T], same order as tokens
+            key_mask = padding_mask.repeat_interleave(3, dim=1)[:, :length]  # [B, 3T-1], same order as tokens
             causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-            attn_mask = (causal & key_mask[:, None, :])[:, None]  # [B, 1, 3T, 3T], True = attend
+            attn_mask = (causal & key_mask[:, None, :])[:, None]  # [B, 1, 3T-1, 3T-1], True = attend
+            last_mask = attn_mask[:, :, queries]
+        elif not last_only:
+            last_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()[queries]  # [T, 3T-1]
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask, last_only=last_only and i == len(self.blocks) - 1)
-        x = self.out_norm(x)
-        if last_only:
-            return self.action_head(x[:, -1]) * self.max_action  # x ends with the s_T token
-        return self.action_head(x[:, 1::3]) * self.max_action  # action of step t from the s_t token
+            last = i == len(self.blocks) - 1
+            x = block(x, last_mask if last else attn_mask, queries if last else None)
+        predicted = self.action_head(self.out_norm(x)) * self.max_action  # [B, T or 1, A]
+        return predicted[:, -1] if last_only else predicted
 
 
 def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

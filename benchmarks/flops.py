@@ -7,15 +7,19 @@ import dt
 
 
 def forward_flops(model: dt.DecisionTransformer, batch: int, steps: int, last_only: bool) -> float:
-    """Multiply-adds x 2 of one forward pass; causal attention counts only the scores it needs."""
+    """Multiply-adds x 2 of one forward pass as dt.py computes it: 3T-1 tokens (a_T dropped), causal
+    attention counting only the scores it needs, the last block with queries only where outputs are read."""
     E, S, A = model.timestep_emb.embedding_dim, model.state_dim, model.action_dim
-    L = 3 * steps - 1 if last_only else 3 * steps
+    L = 3 * steps - 1
+
+    def block(queries: int, pairs: float) -> float:  # K, V of all L tokens; Q, proj, MLP of the queries
+        return 2 * L * E * 2 * E + 2 * queries * E * E + 4 * pairs * E + 2 * queries * E * E + 2 * queries * E * 8 * E
+
     embed = 2 * steps * (S + A + 1) * E
-    causal_pairs = L * (L + 1) / 2
-    full_block = 2 * L * E * 3 * E + 4 * causal_pairs * E + 2 * L * E * E + 2 * L * E * 8 * E
-    last_block = 2 * E * E + 2 * L * E * 2 * E + 4 * L * E + 2 * E * E + 2 * E * 8 * E
-    blocks = len(model.blocks)
-    per_sample = embed + (blocks - 1) * full_block + (last_block if last_only else full_block)
+    full_block = block(L, L * (L + 1) / 2)
+    # last block: the last token (evaluation) or the T state tokens; s_t at position 3t+1 sees 3t+2 keys
+    last_block = block(1, L) if last_only else block(steps, sum(3 * t + 2 for t in range(steps)))
+    per_sample = embed + (len(model.blocks) - 1) * full_block + last_block
     per_sample += 2 * E * A * (1 if last_only else steps)
     return batch * per_sample
 

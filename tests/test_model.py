@@ -116,6 +116,32 @@ def test_a_few_hundred_steps_on_a_fixed_batch_drive_the_loss_down():
     assert np.isfinite(losses).all()
 
 
+def untrimmed_forward(model, states, actions, returns, timesteps, padding_mask):
+    """The textbook forward: all 3T tokens through every block, predictions read at the s_t tokens."""
+    batch, steps = states.shape[:2]
+    time_emb = model.timestep_emb(timesteps)
+    tokens = torch.stack([model.return_emb(returns[..., None]) + time_emb, model.state_emb(states) + time_emb,
+                          model.action_emb(actions) + time_emb], dim=2).reshape(batch, 3 * steps, -1)
+    x = model.emb_norm(tokens)
+    allowed = torch.ones(3 * steps, 3 * steps, dtype=torch.bool).tril() & padding_mask.repeat_interleave(3, 1)[:, None, :]
+    for block in model.blocks:
+        x = block(x, allowed[:, None])
+    return model.action_head(model.out_norm(x))[:, 1::3] * model.max_action
+
+
+def test_trimmed_forward_predicts_what_the_untrimmed_one_does():
+    """Dropping a_T and giving the last block only the state tokens' queries changes no prediction."""
+    model = small_model(num_layers=3, max_action=2.0)
+    states, actions, returns, timesteps = random_inputs(model, batch=4)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # right padding, as the sampler makes
+    torch.testing.assert_close(model(states, actions, returns, timesteps, padding_mask=mask),
+                               untrimmed_forward(model, states, actions, returns, timesteps, mask), rtol=1e-5, atol=1e-6)
+    no_padding = torch.ones(4, 6, dtype=torch.bool)
+    torch.testing.assert_close(model(states, actions, returns, timesteps),
+                               untrimmed_forward(model, states, actions, returns, timesteps, no_padding), rtol=1e-5, atol=1e-6)
+
+
 def test_last_only_equals_last_step_of_full_forward():
     model = small_model(num_layers=3)
     states, actions, returns, timesteps = random_inputs(model, batch=4)
@@ -157,8 +183,13 @@ def test_fused_attention_matches_explicit_reference():
     keys[2, 2:] = False
     allowed = (causal & keys[:, None, :])[:, None]  # [B, 1, L, L]
     torch.testing.assert_close(attention(x, allowed), explicit_attention(attention, x, allowed), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(attention(x, allowed, last_only=True)[:, 0],
+    torch.testing.assert_close(attention(x, allowed[:, :, -1:], queries=slice(-1, None))[:, 0],
                                explicit_attention(attention, x, allowed)[:, -1], rtol=1e-5, atol=1e-5)
+    every_third = slice(1, None, 3)  # the state tokens, as the last block of a training forward asks
+    torch.testing.assert_close(attention(x, allowed[:, :, every_third], queries=every_third),
+                               explicit_attention(attention, x, allowed)[:, every_third], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(x, causal[every_third], queries=every_third),
+                               explicit_attention(attention, x, causal)[:, every_third], rtol=1e-5, atol=1e-5)
 
 
 def test_attention_dropout_acts_on_attention_weights_in_training_only():

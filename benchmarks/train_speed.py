@@ -5,7 +5,8 @@
 
 Prints figures, asserts nothing. MFU = model FLOPs per update (counted analytically, printed) x updates
 per second / peak, where peak is the best rate this script measures for a plain matmul of the model's MLP
-shape, (tokens x E) @ (E x 4E), in the training dtype, at the same thread count.
+shape, (tokens x E) @ (E x 4E), in the training dtype, at the same thread count. A profile of a few
+updates per batch size shows which ops take the time, and on CPU the MFU the matmuls alone would allow.
 """
 import argparse
 import sys
@@ -39,13 +40,27 @@ def write_synthetic_d4rl(path: Path, transitions: int, state_dim: int = 17, acti
         f["timeouts"] = timeouts
 
 
-def time_updates(config: dt.TrainConfig, data: dt.OfflineData, device: torch.device, updates: int, warmup: int):
-    """Seconds per update for sampling, forward+backward and optimizer, using dt.py's own pieces."""
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def time_updates(config: dt.TrainConfig, data: dt.OfflineData, device: torch.device, updates: int, warmup: int,
+                 profile_updates: int = 0):
+    """Seconds per update for sampling, forward+backward and optimizer, using dt.py's own pieces.
+
+    profile_updates > 0: afterwards, profile that many updates and print where the time goes; returns
+    the matmul ops' seconds per update too (CPU; None on GPU).
+    """
     sampler = dt.WindowSampler(data, config.seq_len, device, seed=0)
     model, optimizer, scheduler = dt.build_training(config, data.states.shape[1], data.actions.shape[1], device)
     train_model = torch.compile(model) if config.compile else model
     micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else 64)
     totals = np.zeros(3)
+
+    def update():
+        optimizer.zero_grad(set_to_none=True)
+        dt.forward_backward(train_model, sampler.sample(config.batch_size), micro_batch, config.bf16 and device.type == "cuda")
+        dt.optimizer_step(model, optimizer, scheduler, config.clip_grad)
+
     for i in range(warmup + updates):
         marks = [time.perf_counter()]
         batch = sampler.sample(config.batch_size)
@@ -60,7 +75,25 @@ def time_updates(config: dt.TrainConfig, data: dt.OfflineData, device: torch.dev
         marks.append(time.perf_counter())
         if i >= warmup:
             totals += np.diff(marks)
-    return model, totals / updates
+    matmul_seconds = None
+    if profile_updates:
+        activities = [torch.profiler.ProfilerActivity.CPU] + \
+            ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(profile_updates):
+                update()
+            sync(device)
+        events = prof.key_averages()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events)
+        print(f"\nprofile of {profile_updates} updates at batch {config.batch_size} ({key}), top ops:")
+        for e in sorted(events, key=lambda e: -getattr(e, key))[:12]:
+            print(f"  {e.key[:60]:60s} {getattr(e, key) / total:6.1%}")
+        if device.type == "cpu":
+            matmul_seconds = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6 / profile_updates
+            print(f"  matmul ops ({', '.join(MATMUL_OPS)}): "
+                  f"{sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total:.1%} of the time")
+    return model, totals / updates, matmul_seconds
 
 
 def main() -> None:
@@ -72,6 +105,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--micro_batch", type=int, default=0, help="0: dt.py's automatic choice")
+    parser.add_argument("--profile", type=int, default=5, help="updates profiled per batch size (0: none)")
     args = parser.parse_args()
     device = dt.resolve_device(args.device)
     dt.keep_freed_memory()  # as dt.py's main() does
@@ -92,12 +126,16 @@ def main() -> None:
     for batch_size, updates in zip(args.batch_sizes, args.updates + args.updates[-1:] * len(args.batch_sizes)):
         config = dt.TrainConfig(batch_size=batch_size, compile=args.compile, bf16=args.bf16, warmup_steps=100,
                                 micro_batch=args.micro_batch)
-        model, seconds = time_updates(config, data, device, updates, warmup=3 if not args.compile else 5)
+        model, seconds, matmul_seconds = time_updates(config, data, device, updates, warmup=3 if not args.compile else 5,
+                                                      profile_updates=min(args.profile, updates))
         step = seconds.sum()
         flops = update_flops(model, batch_size)
         peak = matmul_peak(batch_size * 3 * config.seq_len, config.embedding_dim, device, dtype)
         rows.append((batch_size, 1 / step, seconds / step, flops, peak, flops / step / peak))
         print(f"batch {batch_size}: {1 / step:.2f} updates/s", flush=True)
+        if matmul_seconds:  # the counted FLOPs are the matmuls' (the rest is elementwise work)
+            print(f"  the matmuls alone run at {flops / matmul_seconds / 1e9:.0f} GFLOP/s: MFU would be "
+                  f"{flops / matmul_seconds / peak:.0%} if every other op took no time", flush=True)
 
     print("\n| batch | updates/s | sampling | forward+backward | optimizer | GFLOP/update | peak GFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")

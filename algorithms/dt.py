@@ -134,7 +134,8 @@ class TrainConfig:
     fused_adamw: bool = True
     # windows per forward/backward chunk, gradients summed over the batch; 0: whole batch on GPU, 64 on CPU
     micro_batch: int = 0
-    # worker processes that step the evaluation envs; 0: in the training process; -1: one per CPU core, at most one per 16 envs
+    # evaluation worker processes, each with its share of the envs (CPU: and its own batched rollout of them;
+    # GPU: they step envs for the model here); 0: in the training process; -1: one per core, at most one per 16 envs
     eval_workers: int = -1
     # log train_loss (mean over the interval) and learning_rate every log_every steps
     log_every: int = 100
@@ -828,8 +829,8 @@ class EvalEnvs:
     def __init__(self, make_env_fn: Callable[[], gym.Env], num_envs: int, workers: int = 0):
         probe = make_env_fn()
         self.state_dim, self.action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if workers == -1:  # measured: worth it from ~16 envs a worker
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             workers = min(cores, num_envs // 16)
         self.num_envs, self.workers = num_envs, min(workers, num_envs)
         if self.workers == 0:
@@ -841,8 +842,8 @@ class EvalEnvs:
         for worker in range(self.workers):
             parent, child = context.Pipe()
             count = len(range(worker, num_envs, self.workers))
-            context.Process(target=_env_worker, args=(child, make_env_fn, count, max(1, cores // self.workers)),
-                            daemon=True).start()
+            threads = max(1, torch.get_num_threads() // self.workers)  # this process's threads, shared out
+            context.Process(target=_env_worker, args=(child, make_env_fn, count, threads), daemon=True).start()
             child.close()
             self.pipes.append(parent)
         for pipe in self.pipes:  # wait until every worker has built its envs

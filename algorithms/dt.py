@@ -201,9 +201,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def keep_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of unmapping every block over 32 MB (and trimming
-    the heap) at each free: otherwise each forward pass page-faults its activations in afresh, which
-    made a CPU forward pass over 200 eval windows 1.9x slower. The process keeps its peak memory."""
+    """Make glibc keep freed memory for reuse instead of unmapping large blocks (its threshold moves
+    between 128 KB and 32 MB) and trimming the heap at each free: otherwise each forward pass page-faults
+    its activations in afresh, which made a CPU forward pass over 200 eval windows 1.9x slower. The
+    process keeps its peak memory."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         libc = ctypes.CDLL("libc.so.6")
         if not libc.mallopt(-3, 1 << 30):  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap
@@ -809,7 +810,8 @@ def _env_worker(conn: Any, make_env_fn: Callable[[], gym.Env], num_envs: int, th
                 else:  # rollout: data = (targets, seeds, pickled model, state_mean, state_std, reward_scale)
                     targets, seeds, model, *normalisation = data
                     timing = {"forward": 0.0, "env": 0.0}
-                    returns = rollout(pickle.loads(model), envs, targets, seeds, *normalisation, torch.device("cpu"), timing)
+                    returns = rollout(pickle.loads(model), envs, targets, seeds, *normalisation,
+                                      torch.device("cpu"), timing)
                     result = (returns, timing)
                 conn.send(("ok", result))
             except Exception as err:  # reported to the main process, which raises it
@@ -859,7 +861,7 @@ class EvalEnvs:
         for w in asked:  # all workers work at the same time
             rows = owner == w
             part = tuple(x[rows] for x in data) + shared if isinstance(data, tuple) else data[rows]
-            self.pipes[w].send((command, episodes[owner == w] // self.workers, part))
+            self.pipes[w].send((command, episodes[rows] // self.workers, part))
         answers = {w: self.pipes[w].recv() for w in asked}  # every answer, so none is left for the next request
         for w, (status, result) in answers.items():
             if status == "error":

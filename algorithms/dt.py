@@ -145,6 +145,9 @@ class TrainConfig:
     eval_checkpoint: Optional[str] = None
     # MLP activation of the transformer blocks: gelu (exact erf GELU, as CORL) or relu (as the DT authors' code)
     activation: str = "gelu"
+    # attention q/k/v projection init: xavier (CORL: its nn.MultiheadAttention in_proj keeps torch's xavier_uniform_)
+    # or normal (N(0, 0.02) as every other weight, the DT authors' GPT-2)
+    attention_init: str = "xavier"
 
 
 class UserError(Exception):
@@ -186,6 +189,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"dataset_source must be d4rl or hf, got '{config.dataset_source}'")
     if config.activation not in ACTIVATIONS:
         raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{config.activation}'")
+    if config.attention_init not in ("xavier", "normal"):
+        raise UserError(f"attention_init must be xavier or normal, got '{config.attention_init}'")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -673,7 +678,8 @@ class DecisionTransformer(nn.Module):
     def __init__(self, state_dim: int, action_dim: int, seq_len: int = 20, episode_len: int = 1000,
                  embedding_dim: int = 128, num_layers: int = 3, num_heads: int = 1,
                  attention_dropout: float = 0.1, residual_dropout: float = 0.1,
-                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu"):
+                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu",
+                 attention_init: str = "xavier"):
         super().__init__()
         self.state_dim, self.action_dim = state_dim, action_dim
         self.seq_len, self.episode_len = seq_len, episode_len
@@ -692,6 +698,9 @@ class DecisionTransformer(nn.Module):
         self.out_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
         self.apply(self._init_weights)
+        if attention_init == "xavier":  # CORL's nn.MultiheadAttention in_proj_weight [3E, E], never visited by its init
+            for block in self.blocks:
+                nn.init.xavier_uniform_(block.attention.qkv.weight)  # torch's own MHA init: std sqrt(1/(2E))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -1256,6 +1265,7 @@ def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> Decisio
         embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
         attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
         embedding_dropout=config.embedding_dropout, max_action=config.max_action, activation=config.activation,
+        attention_init=config.attention_init,
     )
 
 

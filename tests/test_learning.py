@@ -20,7 +20,7 @@ def test_high_target_beats_low_target_and_the_data(tmp_path, monkeypatch):
                               "--eval_every", "2000", "--eval_episodes", "10", "--train_seed", "0",
                               "--runs_dir", str(tmp_path), "--device", "cpu", "--eval_workers", "0"])
     metrics = dt.train(config)
-    with h5py.File(ROOT / "datasets/hopper_medium_replay.hdf5") as f:
+    with h5py.File(ROOT / "data/hopper_medium_replay.hdf5") as f:
         dataset_mean = float(f.attrs["dataset_mean_return"])  # 437.1: mean episode return of the data
     high, low = metrics["eval/1000.0_return_mean"], metrics["eval/500.0_return_mean"]
     print(f"high target: {high:.1f}, low target: {low:.1f}, dataset mean: {dataset_mean:.1f}")

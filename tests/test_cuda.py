@@ -177,7 +177,7 @@ def padded_inputs(device: torch.device, state_dim: int = 11, action_dim: int = 3
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device, backend", [
-    ("cpu", SDPBackend.MATH), ("cpu", SDPBackend.FLASH_ATTENTION),
+    *[pytest.param("cpu", b, id=f"cpu-{b.name}") for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION)],
     *[pytest.param("cuda", b, marks=pytest.mark.cuda, id=f"cuda-{b.name}") for b in (
         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)]])
 def test_fully_padded_query_rows_give_no_nan(device, backend, dtype):

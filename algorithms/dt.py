@@ -615,8 +615,11 @@ class WindowSampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
-        n = len(self.states)
-        start = torch.randint(0, n, (batch_size,), device=self.states.device, generator=self.generator)
+        return self.windows(torch.randint(0, len(self.states), (batch_size,), device=self.states.device,
+                                          generator=self.generator))
+
+    def windows(self, start: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The windows that begin at global transition indices start [B], a tensor on the sampler's device."""
         index = start[:, None] + self.offsets  # [B, K] global transition indices
         mask = index < self.traj_end[start][:, None]  # real steps; the rest is right padding
         index = torch.where(mask, index, start[:, None])  # any valid row, zeroed below
@@ -1180,7 +1183,10 @@ def restore_rng_states(states: Dict[str, Any], sampler: "WindowSampler") -> None
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-    sampler.generator.set_state(states["sampler"])
+    if len(states["sampler"]) == len(sampler.generator.get_state()):
+        sampler.generator.set_state(states["sampler"])
+    else:  # saved on the other device type (CPU and CUDA generators differ): a new stream, seeded from the restored ones
+        sampler.generator.manual_seed(random.getrandbits(63))
 
 
 class StopSignal:

@@ -3,6 +3,7 @@ one-episode-at-a-time rollout of the public baseline, on Hopper-v4 with the defa
 
     python benchmarks/eval_speed.py                      # 100 episodes x 2 targets x 1000 steps
     python benchmarks/eval_speed.py --workers 0 2 4      # also compare env worker processes
+    python benchmarks/eval_speed.py --device cuda --workers -1 --json figures.json   # GPU model, env workers
 
 Prints figures, asserts nothing. The forward/env split of worker rollouts is the mean over the
 workers, which run at the same time; their forward GFLOP/s is that of all workers together.
@@ -11,6 +12,7 @@ Every episode runs the full horizon: the envs are made with
 simulation and the forward pass cost the same per step as with a model that keeps the hopper alive.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -62,14 +64,20 @@ def main() -> None:
     parser.add_argument("--step_workers", action="store_true",
                         help="with workers, also time the GPU's way on CPU: the model here, workers only step envs")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the figures to this JSON file (benchmarks/gpu_check.sh reads it)")
     args = parser.parse_args()
-    device = dt.resolve_device(args.device)
+    try:
+        device = dt.resolve_device(args.device)
+    except dt.UserError as err:
+        sys.exit(f"error: {err}")
     dt.keep_freed_memory()  # as dt.py's main() does
     torch.manual_seed(0)
     model = dt.DecisionTransformer(11, 3, episode_len=args.horizon).to(device).eval()  # default: E=128, 3 layers, K=20
     num = args.episodes * len(args.targets)
     mean, std = np.zeros(11, np.float32), np.ones(11, np.float32)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, Hopper-v4, {num} episodes x {args.horizon} steps")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({name}), torch threads {torch.get_num_threads()}, Hopper-v4, {num} episodes x "
+          f"{args.horizon} steps")
     # every episode runs the whole horizon: FLOPs of one episode's forward passes, context 1..K then K
     episode_flops = sum(forward_flops(model, 1, min(t + 1, model.seq_len), True) for t in range(args.horizon))
 
@@ -110,6 +118,13 @@ def main() -> None:
         label = f"{workers} (= {used})" if workers == -1 else str(workers)
         print(f"| {label} | {mode} | {rate:.0f} | {single_rate:.0f} | {rate / single_rate:.1f}x | {fwd:.0%} | "
               f"{env_share:.0%} | {max(0.0, 1 - fwd - env_share):.0%} | {flops / 1e9:.1f} ({flops / peak:.0%}) |")
+    if args.json:
+        figures = {"device": str(device), "device_name": name, "episodes": num, "horizon": args.horizon,
+                   "one_at_a_time_steps_per_s": single_rate, "rows": [
+                       {"eval_workers": workers, "workers": used, "mode": mode, "steps_per_s": rate,
+                        "ratio": rate / single_rate, "forward": fwd, "env": env_share, "forward_gflops": flops / 1e9}
+                       for workers, used, mode, rate, fwd, env_share, flops in rows]}
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

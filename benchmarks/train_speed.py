@@ -1,7 +1,7 @@
 """Training speed of algorithms/dt.py: dataset load time, updates per second, where the time goes, MFU.
 
     python benchmarks/train_speed.py                           # batch 64 and 4096 on the default device
-    python benchmarks/train_speed.py --batch_sizes 4096 --bf16 --compile --device cuda
+    python benchmarks/train_speed.py --batch_sizes 4096 --bf16 --compile --device cuda --json figures.json
 
 Prints figures, asserts nothing. MFU = model FLOPs per update (counted analytically, printed) x updates
 per second / peak, where peak is the best rate this script measures for a plain matmul of the model's MLP
@@ -9,6 +9,7 @@ shape, (tokens x E) @ (E x 4E), in the training dtype, at the same thread count.
 updates per batch size shows which ops take the time, and on CPU the MFU the matmuls alone would allow.
 """
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -106,12 +107,17 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--micro_batch", type=int, default=0, help="0: dt.py's automatic choice")
     parser.add_argument("--profile", type=int, default=5, help="updates profiled per batch size (0: none)")
+    parser.add_argument("--json", help="also write the figures to this JSON file (benchmarks/gpu_check.sh reads it)")
     args = parser.parse_args()
-    device = dt.resolve_device(args.device)
+    try:
+        device = dt.resolve_device(args.device)
+    except dt.UserError as err:
+        sys.exit(f"error: {err}")
     dt.keep_freed_memory()  # as dt.py's main() does
     dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
-    print(f"device {device}, torch threads {torch.get_num_threads()}, compile {args.compile}, dtype {dtype}, "
-          f"micro_batch {args.micro_batch or 'auto'}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"compile {args.compile}, dtype {dtype}, micro_batch {args.micro_batch or 'auto'}")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.hdf5"
@@ -142,6 +148,13 @@ def main() -> None:
     for batch_size, rate, split, flops, peak, mfu in rows:
         print(f"| {batch_size} | {rate:.2f} | {split[0]:.1%} | {split[1]:.1%} | {split[2]:.1%} | "
               f"{flops / 1e9:.2f} | {peak / 1e9:.0f} | {mfu:.0%} |")
+    if args.json:
+        figures = {"device": str(device), "device_name": name, "torch": torch.__version__, "dtype": str(dtype),
+                   "compile": args.compile, "load_seconds": load_seconds, "rows": [
+                       {"batch": batch_size, "updates_per_s": rate, "sampling": split[0], "forward_backward": split[1],
+                        "optimizer": split[2], "gflop_per_update": flops / 1e9, "peak_gflops": peak / 1e9, "mfu": mfu}
+                       for batch_size, rate, split, flops, peak, mfu in rows]}
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

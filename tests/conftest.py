@@ -9,6 +9,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "algorithms"))
@@ -35,6 +36,16 @@ def pytest_make_collect_report(collector):  # module-level importorskip
 def pytest_runtest_makereport(item, call):  # importorskip inside a test
     outcome = yield
     _fail_missing_package_skips_in_ci(outcome.get_result())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda are skipped, with the reason, where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} sees none here")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 
 def write_d4rl_file(path: Path, env_id: str = "Hopper-v4", episodes: int = 6, max_steps: int = 60,

@@ -20,7 +20,6 @@
 # Every step runs, whatever the others do; the exit status is 1 if one failed (or was not reached within the
 # budget), else 0. Where $OUT is set, the logs are also packed into $OUT/gpu_check_logs.tar.gz after every step.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
 ALL_STEPS=(install cuda_tests train_speed_fp32 train_speed_bf16 train_speed_bf16_compile eval_speed train_run
            eval_only_cpu)
@@ -47,9 +46,12 @@ for step in ${STEPS//,/ }; do
 done
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "error: --budget takes whole seconds, got '$BUDGET'" >&2; exit 2; }
 [[ -n $PY ]] || { echo "error: no python3 or python on PATH; give --python" >&2; exit 2; }
+for name in VENV WHEELS LOG_DIR PY; do  # paths given relative to where the script was called from
+    [[ -n ${!name} && ${!name} != /* && ( $name != PY || ${!name} == */* ) ]] && printf -v "$name" '%s' "$PWD/${!name}"
+done
 LOG_DIR=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 mkdir -p "$LOG_DIR" || exit 2
-LOG_DIR=$(cd "$LOG_DIR" && pwd)
+cd "$(dirname "$0")/.."  # the repository root
 : > "$LOG_DIR/steps.tsv"
 START=$SECONDS
 
@@ -139,6 +141,7 @@ run_step eval_speed 240 "$PY" benchmarks/eval_speed.py --device "$DEVICE" "${EVA
 QUICKSTART=$("$PY" -c 'import json, yaml; c = yaml.safe_load(open("configs/dt/quickstart.yaml"))
 print(c["env_name"], c["dataset_path"], json.dumps(c["target_returns"]).replace(" ", ""))' 2> "$LOG_DIR/quickstart.err")
 read -r QS_ENV QS_DATA QS_TARGETS <<< "$QUICKSTART"
+[[ -s $LOG_DIR/quickstart.err ]] || rm -f "$LOG_DIR/quickstart.err"
 selected train_run && rm -rf "$LOG_DIR/train_run"  # a new run (eval_only_cpu alone reuses its checkpoint)
 selected eval_only_cpu && rm -rf "$LOG_DIR/eval_only_cpu"
 run_step train_run 300 "$PY" algorithms/dt.py --config_path configs/dt/hopper/medium_replay_v2.yaml \

@@ -1,12 +1,15 @@
-"""Run a grid of DT runs (configs x seeds, with field overrides) on one machine, or write it as a wandb sweep.
+"""Run a grid of DT runs (configs x seeds, with field overrides) on this machine or as one SLURM job array, see
+where its runs stand, or write it as a wandb sweep.
 
-One machine, several runs at a time; each run gets the folder <grid_dir>/<config label>-seed<k>, so the
-same command skips finished runs and resumes unfinished ones (algorithms/dt.py --run_dir does both):
+Each run gets the folder <grid_dir>/<config label>-seed<k>, so the same command skips finished runs and resumes
+unfinished ones (algorithms/dt.py --run_dir does both):
 
     python benchmarks/grid.py run --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 \\
         --grid_dir runs/grid-hopper --parallel 2 [--set update_steps=50000 --set eval_episodes=10]
+    python benchmarks/grid.py run ... --executor slurm --time 12:00:00 [--partition gpu --gpus_per_task 1]
+    python benchmarks/grid.py status --grid_dir runs/grid-hopper
 
-Many machines: the same grid as a wandb sweep (method grid over config_path x train_seed):
+Many machines without SLURM: the same grid as a wandb sweep (method grid over config_path x train_seed):
 
     python benchmarks/grid.py sweep --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 --out sweeps/hopper.yaml
     wandb sweep sweeps/hopper.yaml          # prints the sweep id: <entity>/<project>/<id>
@@ -14,6 +17,7 @@ Many machines: the same grid as a wandb sweep (method grid over config_path x tr
 
 The config label is the config's path under configs/dt with '/' -> '-' (configs/dt/hopper/medium_v2.yaml ->
 hopper-medium_v2), or the file's stem for a config elsewhere. Then `python benchmarks/report.py <grid_dir>`.
+SLURM, preemption and sweeps on a cluster: docs/cluster.md.
 """
 import argparse
 import contextlib
@@ -22,13 +26,15 @@ import functools
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pyrallis
 import torch
@@ -36,7 +42,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "algorithms"))
-from dt import TrainConfig, UserError, checkpoint_dir, parse_config, validate_config  # noqa: E402
+from dt import (TrainConfig, UserError, build_training, checkpoint_dir, forward_backward, optimizer_step,  # noqa: E402
+                parse_config, validate_config)
 from pyrallis.wrappers import docstring as pyrallis_docstring  # noqa: E402
 
 # pyrallis re-reads every field's help comment from dt.py's source at each parse (about 2 s a parse here);
@@ -53,6 +60,8 @@ RESOURCE_FIELDS = ("run_dir", "device", "eval_workers")
 LOG_NAME = "grid.log"
 LOCK_NAME = "grid.lock"
 PLAN_NAME = "grid.json"
+STOP_CODES = (0, 130, -signal.SIGTERM, -signal.SIGINT)  # dt.py stopped on a signal (it checkpoints first)
+STALLED_ATTEMPTS = 3  # SLURM attempts in a row without a new checkpoint before a task is no longer requeued
 
 
 @dataclass
@@ -173,9 +182,7 @@ def run_state(run: GridRun, grid_dir: Path) -> Tuple[str, str]:
 def last_logged_step(run_dir: Path) -> int:
     """The step of the last row of metrics.jsonl (0 before the first log)."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    for line in reversed(path.read_text().splitlines()):
+    for line in reversed(path.read_text().splitlines() if path.exists() else []):
         try:
             return int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):  # a row cut off by a crash
@@ -183,25 +190,183 @@ def last_logged_step(run_dir: Path) -> int:
     return 0
 
 
-def write_plan(runs: List[GridRun], grid_dir: Path) -> None:
-    """grid_dir/grid.json: every run this grid has been asked for (merged with earlier calls), so that
-    benchmarks/report.py can list the runs that never started."""
-    path = grid_dir / PLAN_NAME
-    planned = {}
-    if path.exists():
-        try:
-            planned = json.loads(path.read_text()).get("runs", {})
-        except (json.JSONDecodeError, AttributeError):
-            planned = {}
-    for run in runs:
-        planned[run.label] = {"config_path": run.config_path, "train_seed": run.seed, "args": run.args}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"runs": planned}, indent=1) + "\n")
-    os.replace(tmp, path)
+def last_error_line(log: Path) -> str:
+    """The line of the run's log that says what went wrong: its `error:` line, else its last line."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
+    return (errors or [line for line in lines if not line.startswith("=== ")] or [""])[-1][:300]
+
+
+def read_plan(grid_dir: Path) -> Dict:
+    """grid_dir/grid.json: {"runs": {label: {config_path, train_seed, args}}, "slurm": {label: job id}}."""
+    try:
+        plan = json.loads((grid_dir / PLAN_NAME).read_text())
+        return plan if isinstance(plan, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_plan(runs: List[GridRun], grid_dir: Path, jobs: Optional[Dict[str, str]] = None) -> None:
+    """Add the runs (and their SLURM job ids) to grid_dir/grid.json, the record of every run this grid was asked
+    for: benchmarks/report.py lists those that never started, `status` finds their SLURM tasks."""
+    plan = read_plan(grid_dir)
+    plan.setdefault("runs", {}).update({run.label: {"config_path": run.config_path, "train_seed": run.seed,
+                                                    "args": run.args} for run in runs})
+    plan.setdefault("slurm", {}).update(jobs or {})
+    tmp = grid_dir / (PLAN_NAME + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=1) + "\n")
+    os.replace(tmp, grid_dir / PLAN_NAME)
 
 
 # ----------------------------------------------------------------------------------------------
-# Resources: GPUs round robin, CPU cores split
+# One run: dt.py in its folder, on this machine or in a SLURM task
+# ----------------------------------------------------------------------------------------------
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class RunTask:
+    """dt.py for one run in its folder, holding the folder's lock (inherited by dt.py, so a second grid or a rerun
+    after a killed grid skips the run), its output appended to <folder>/grid.log between a start line and an
+    outcome line. The local grid starts and polls it; on SLURM each array task calls it, and submitit calls
+    checkpoint() when SLURM sends the time-limit warning. Standard library only: pickled by value, a SLURM task
+    runs it without importing torch or this file."""
+
+    def __init__(self, label: str, command: List[str], run_dir: Path, latest: Path, env: Dict[str, str],
+                 update_steps: int):
+        self.label, self.command, self.env, self.update_steps = label, command, env, update_steps
+        self.run_dir, self.latest, self.cwd = str(run_dir), str(latest), os.getcwd()
+        self.stalled = 0  # SLURM attempts in a row that wrote no checkpoint
+        self.process = self.lock = None
+        self.started = 0.0
+
+    def start(self) -> bool:
+        """Start dt.py; False when the folder is locked by a run still going."""
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        self.lock = open(Path(self.run_dir) / LOCK_NAME, "w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            return False
+        self.started = time.time()
+        job = "_".join(os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ)
+        job = job or os.environ.get("SLURM_JOB_ID")  # submitit submits a lone task as a plain job
+        where = f" (SLURM job {job})" if job else ""
+        with open(Path(self.run_dir) / LOG_NAME, "a") as log:
+            log.write(f"=== {stamp()} grid{where}: {' '.join(self.command)}\n")
+            log.flush()
+            # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once (dt.py takes a second
+            # one as "stop at once"); SIGUSR2 ignored: SLURM sends its time-limit warning to every process of the
+            # task, and the task answers it for dt.py (checkpoint()); pass_fds: dt.py holds the lock too
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.cwd,
+                start_new_session=True, pass_fds=(self.lock.fileno(),),
+                preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        return True
+
+    def finish(self, code: int) -> str:
+        """Note how dt.py ended (exit code `code`) in grid.log, release the folder; 'finished in ...',
+        'stopped at step N ...' or 'FAILED ...'."""
+        took = time.time() - self.started
+        took = f"{int(took // 60)}m{int(took % 60):02d}s" if took >= 60 else f"{took:.0f}s"
+        step = last_logged_step(Path(self.run_dir))
+        log = Path(self.run_dir) / LOG_NAME
+        if code == 0 and step >= self.update_steps:
+            outcome = f"finished in {took}"
+        elif code in STOP_CODES:
+            outcome = f"stopped after {took} at step {step} (exit {code}); the same command resumes it"
+        else:
+            outcome = f"FAILED after {took}, exit {code}: {last_error_line(log)} (log {log})"
+        with open(log, "a") as f:
+            f.write(f"=== {stamp()} grid: {outcome}\n")
+        self.lock.close()
+        return outcome
+
+    def __call__(self) -> str:
+        """A SLURM task: run dt.py to its end; raising makes the task fail (SLURM does not requeue it)."""
+        if not self.start():
+            raise RuntimeError(f"{self.run_dir} is in use by another process (a run still going?)")
+        while self.process.poll() is None:  # not wait(): checkpoint() waits for dt.py from a signal handler
+            time.sleep(1)
+        outcome = self.finish(self.process.returncode)
+        print(f"{self.label}: {outcome}", flush=True)
+        if outcome.startswith("FAILED"):
+            raise RuntimeError(outcome)
+        return outcome
+
+    def checkpoint(self):
+        """submitit calls this on SLURM's time-limit (or preemption) warning, SIGUSR2: dt.py is asked to stop
+        (one SIGTERM: it finishes its update or evaluation, writes latest.pt and exits), then the task is
+        requeued with this object, unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
+        import submitit
+
+        self.process.send_signal(signal.SIGTERM)
+        try:  # the exit code without reaping: the interrupted main loop may hold Popen's wait lock
+            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        except ChildProcessError:  # reaped by the main loop just before the signal
+            code = self.process.returncode
+        outcome = self.finish(code)
+        latest = Path(self.latest)
+        self.stalled = 0 if latest.exists() and latest.stat().st_mtime >= self.started else self.stalled + 1
+        why = ("dt.py failed" if outcome.startswith("FAILED") else
+               f"{self.stalled} attempts in a row wrote no checkpoint; raise --time" if
+               self.stalled >= STALLED_ATTEMPTS else "")
+        if why:
+            with open(Path(self.run_dir) / LOG_NAME, "a") as log:
+                log.write(f"=== {stamp()} grid: FAILED, not requeued: {why}\n")
+        print(f"{self.label}: {outcome}; {'not requeued: ' + why if why else 'requeued'}", flush=True)
+        self.process = self.lock = None  # neither is pickled for the requeued task
+        return None if why else submitit.helpers.DelayedSubmission(self)
+
+
+def make_task(run: GridRun, grid_dir: Path, env: Dict[str, str], extra: List[str]) -> RunTask:
+    run_dir = grid_dir / run.label
+    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args, *extra, f"--run_dir={run_dir}"]
+    return RunTask(run.label, command, run_dir, checkpoint_dir(run.config, run_dir) / "latest.pt",
+                   {**env, "PYTHONUNBUFFERED": "1"}, run.config.update_steps)
+
+
+def run_resources(slot: int, parallel: int, config: TrainConfig, gpus: List[str], cores: int,
+                  overrides: Dict[str, str]) -> Tuple[Dict[str, str], List[str], str]:
+    """(environment, extra dt.py arguments, description) for the run in worker slot `slot`."""
+    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    described = [f"{threads} thread{'s' if threads > 1 else ''}"]
+    if gpus and config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        described.append(f"GPU {env['CUDA_VISIBLE_DEVICES']}")
+    args = []
+    if "eval_workers" not in overrides:
+        # the run's share of what eval_workers -1 would take: one env worker per core it has
+        args.append(f"--eval_workers={threads}")
+        described.append(f"eval_workers {threads}")
+    return env, args, ", ".join(described)
+
+
+def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
+    """Each run's run_state, and a line counting them."""
+    states = {run.label: run_state(run, grid_dir) for run in runs}
+    count = {state: sum(s == state for s, _ in states.values()) for state in ("done", "resume", "new", "conflict")}
+    print(f"grid {grid_dir}: {len(runs)} runs, {count['done']} finished (skipped), {count['resume']} to resume, "
+          f"{count['new']} to start, {count['conflict']} in conflict", end="", flush=True)
+    return states
+
+
+def prepare_grid_dir(runs: List[GridRun], grid_dir: Path) -> None:
+    try:
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        write_plan(runs, grid_dir)
+    except OSError as err:
+        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# This machine: `parallel` runs at a time, GPUs round robin, CPU cores split
 # ----------------------------------------------------------------------------------------------
 def visible_gpus() -> List[str]:
     """GPU ids runs may use: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
@@ -215,123 +380,35 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_resources(slot: int, parallel: int, config: TrainConfig, gpus: List[str], cores: int,
-                  overrides: Dict[str, str]) -> Tuple[Dict[str, str], List[str], str]:
-    """(environment, extra dt.py arguments, description) for the run in worker slot `slot`."""
-    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    described = [f"{threads} thread{'s' if threads > 1 else ''}"]
-    if gpus and config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
-        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        described.append(f"GPU {env['CUDA_VISIBLE_DEVICES']}")
-    args = []
-    if "eval_workers" not in overrides:
-        # the run's share of what eval_workers -1 would take: one env worker per core it has
-        args.append(f"--eval_workers={threads}")
-        described.append(f"eval_workers {threads}")
-    return env, args, ", ".join(described)
-
-
-# ----------------------------------------------------------------------------------------------
-# Running the grid
-# ----------------------------------------------------------------------------------------------
-def clock() -> str:
-    return time.strftime("%H:%M:%S")
-
-
-def duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def last_error_line(log: Path) -> str:
-    """The line of the run's log that says what went wrong: its `error:` line, else its last line."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
-    return (errors or lines or [""])[-1][:300]
-
-
-@dataclass
-class Running:
-    run: GridRun
-    process: subprocess.Popen
-    lock: IO  # the run folder's lock, released when the run has exited
-    started: float
-    signals_sent: int = 0
-
-
-def lock_run_folder(run_dir: Path) -> Optional[IO]:
-    """An exclusive lock on run_dir/grid.lock, or None while another process holds it."""
-    handle = open(run_dir / LOCK_NAME, "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
-def start_run(run: GridRun, grid_dir: Path, slot: int, parallel: int, gpus: List[str], cores: int,
-              overrides: Dict[str, str]) -> Optional[Tuple[subprocess.Popen, IO, str]]:
-    """Start dt.py for the run in its folder, output appended to its grid.log; returns (process, lock,
-    resources), or None when the folder is locked by a run still going (from another grid, or one killed)."""
-    run_dir = grid_dir / run.label
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_folder(run_dir)
-    if lock is None:
-        return None
-    env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
-    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args, *extra, f"--run_dir={run_dir}"]
-    with open(run_dir / LOG_NAME, "a") as log:
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} grid: {' '.join(command)}\n")
-        log.flush()
-        # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once
-        # (dt.py takes a second SIGINT as "stop at once, without a checkpoint");
-        # pass_fds: the run holds the folder's lock too, so it stays locked if this grid is killed
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                   start_new_session=True, pass_fds=(lock.fileno(),))
-    return process, lock, described
-
-
 def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: float, overrides: Dict[str, str],
              dry_run: bool = False) -> int:
     """Run every unfinished run, `parallel` at a time. Returns the exit code: 0 all finished, 1 a run failed,
     128 + signal when stopped by SIGINT/SIGTERM (forwarded to the runs, which checkpoint first)."""
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
-    states = {run.label: run_state(run, grid_dir) for run in runs}
+    states = triage(runs, grid_dir)
     pending = [run for run in runs if states[run.label][0] in ("new", "resume")]
-    done = [run.label for run in runs if states[run.label][0] == "done"]
     failed = {run.label: f"not started: {states[run.label][1]}; use another --grid_dir or move "
               f"{grid_dir / run.label} away" for run in runs if states[run.label][0] == "conflict"}
+    done = [label for label, (state, _) in states.items() if state == "done"]
     parallel = min(parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
     gpus, cores = visible_gpus(), cpu_cores()
-    count = {state: sum(s == state for s, _ in states.values()) for state in ("resume", "new")}
-    print(f"grid {grid_dir}: {len(runs)} runs, {len(done)} finished (skipped), {count['resume']} to resume, "
-          f"{count['new']} to start, {len(failed)} in conflict; {parallel} at a time on {len(gpus)} GPU(s) "
-          f"and {cores} CPU core(s)", flush=True)
+    print(f"; {parallel} at a time on {len(gpus)} GPU(s) and {cores} CPU core(s)", flush=True)
     for label, reason in failed.items():
         print(f"  {label}: {reason}", flush=True)
     if dry_run:
         for slot, run in enumerate(pending):
             env, extra, _ = run_resources(slot % parallel, parallel, run.config, gpus, cores, overrides)
-            env_text = " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
-            print(f"  [{states[run.label][0]}] {env_text} python {DT_SCRIPT} {' '.join(run.args + extra)} "
-                  f"--run_dir={grid_dir / run.label}")
+            print(f"  [{states[run.label][0]}] {' '.join(f'{k}={v}' for k, v in env.items())} python {DT_SCRIPT} "
+                  f"{' '.join(run.args + extra)} --run_dir={grid_dir / run.label}")
         return 1 if failed else 0
-    try:
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        write_plan(runs, grid_dir)
-    except OSError as err:
-        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
+    prepare_grid_dir(runs, grid_dir)
 
-    stop_signals: List[int] = []  # signals received; the main loop forwards each one once to every child
+    stop_signals: List[int] = []  # signals received; the main loop forwards each one once to every run
     previous = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    running: Dict[int, Running] = {}  # worker slot -> its run
+    running: Dict[int, RunTask] = {}  # worker slot -> its run
+    forwarded: Dict[str, int] = {}  # run -> signals forwarded to it
     stopped: List[str] = []
     last_status, announced = time.monotonic(), 0
     try:
@@ -339,56 +416,47 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
             for slot in range(parallel):
                 if slot not in running and pending and not stop_signals:
                     run = pending.pop(0)
-                    started = start_run(run, grid_dir, slot, parallel, gpus, cores, overrides)
-                    if started is None:
-                        reason = f"{grid_dir / run.label} is in use by another process (a run still going?)"
+                    env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
+                    task = make_task(run, grid_dir, env, extra)
+                    if not task.start():
+                        reason = f"{task.run_dir} is in use by another process (a run still going?)"
                         failed[run.label] = f"not started: {reason}"
-                        print(f"[{clock()}] skipped {run.label}: {reason}", flush=True)
+                        print(f"[{time.strftime('%H:%M:%S')}] skipped {run.label}: {reason}", flush=True)
                         continue
-                    process, lock, described = started
-                    running[slot] = Running(run, process, lock, time.monotonic())
+                    running[slot] = task
                     verb = "resuming" if states[run.label][0] == "resume" else "starting"
-                    print(f"[{clock()}] {verb} {run.label} ({described}; log {grid_dir / run.label / LOG_NAME})",
-                          flush=True)
-            for job in running.values():
-                while job.signals_sent < len(stop_signals):
-                    try:
-                        job.process.send_signal(stop_signals[job.signals_sent])
-                    except ProcessLookupError:  # it has just exited
-                        pass
-                    job.signals_sent += 1
+                    print(f"[{time.strftime('%H:%M:%S')}] {verb} {run.label} ({described}; log "
+                          f"{grid_dir / run.label / LOG_NAME})", flush=True)
+            for task in running.values():
+                for sig in stop_signals[forwarded.get(task.label, 0):]:
+                    with contextlib.suppress(ProcessLookupError):  # it has just exited
+                        task.process.send_signal(sig)
+                forwarded[task.label] = len(stop_signals)
             if len(stop_signals) > announced:
                 announced = len(stop_signals)
-                name = signal.Signals(stop_signals[-1]).name
-                what = "checkpoint and stop" if announced == 1 else "stop at once"
-                print(f"[{clock()}] {name}: asked {len(running)} run(s) to {what}; waiting for them"
-                      + (" (send again to stop them at once)" if announced == 1 else ""), flush=True)
+                print(f"[{time.strftime('%H:%M:%S')}] {signal.Signals(stop_signals[-1]).name}: asked {len(running)} "
+                      f"run(s) to " + ("checkpoint and stop; waiting for them (send again to stop them at once)"
+                                       if len(stop_signals) == 1 else "stop at once"), flush=True)
             time.sleep(0.2)
-            for slot, job in list(running.items()):
-                code = job.process.poll()
-                if code is None:
+            for slot, task in list(running.items()):
+                if task.process.poll() is None:
                     continue
                 del running[slot]
-                job.lock.close()
-                label, run_dir = job.run.label, grid_dir / job.run.label
-                took = duration(time.monotonic() - job.started)
-                if code == 0 and run_state(job.run, grid_dir)[0] == "done":
-                    done.append(label)
-                    outcome = f"finished {label} in {took}"
-                elif code == 130 or (code == 0 and stop_signals):  # dt.py checkpointed and stopped on a signal
-                    stopped.append(label)
-                    outcome = (f"stopped {label} after {took} at step {last_logged_step(run_dir)} (exit {code}); "
-                               "the same command resumes it")
+                outcome = task.finish(task.process.returncode)
+                if outcome.startswith("finished"):
+                    done.append(task.label)
+                elif outcome.startswith("FAILED"):
+                    failed[task.label] = outcome[7:]
                 else:
-                    failed[label] = f"exit {code}: {last_error_line(run_dir / LOG_NAME)} (log {run_dir / LOG_NAME})"
-                    outcome = f"FAILED {label} after {took}, {failed[label]}"
-                print(f"[{clock()}] {outcome}  [{len(done)} done, {len(running)} running, {len(failed)} failed, "
-                      f"{len(pending)} waiting]", flush=True)
+                    stopped.append(task.label)
+                print(f"[{time.strftime('%H:%M:%S')}] {outcome.split(' ')[0]} {task.label} {outcome.partition(' ')[2]}"
+                      f"  [{len(done)} done, {len(running)} running, {len(failed)} failed, {len(pending)} waiting]",
+                      flush=True)
             if running and time.monotonic() - last_status >= status_every:
                 last_status = time.monotonic()
-                progress = ", ".join(f"{j.run.label} step {last_logged_step(grid_dir / j.run.label)}/"
-                                     f"{j.run.config.update_steps}" for j in running.values())
-                print(f"[{clock()}] running: {progress}  [{len(done)} done, {len(failed)} failed, "
+                progress = ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/{task.update_steps}"
+                                     for task in running.values())
+                print(f"[{time.strftime('%H:%M:%S')}] running: {progress}  [{len(done)} done, {len(failed)} failed, "
                       f"{len(pending)} waiting]", flush=True)
     finally:
         for sig, handler in previous.items():
@@ -405,6 +473,264 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
     if stop_signals:
         return 128 + stop_signals[0]  # 130 for Ctrl+C, as dt.py
     return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# SLURM: one job array through submitit, one task per run
+# ----------------------------------------------------------------------------------------------
+def slurm_minutes(text: str) -> Optional[int]:
+    """A SLURM time (minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]) in whole
+    minutes, rounded up as SLURM does; None for "infinite"/"UNLIMITED"."""
+    if text.strip().lower() in ("infinite", "unlimited"):
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise UserError(f"--time {text}: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)")
+    days, a, b, c = (int(x) if x else 0 for x in match.groups())
+    if match.group(1) is not None:  # days-hours[:minutes[:seconds]]
+        seconds = ((days * 24 + a) * 60 + b) * 60 + c
+    else:  # minutes, minutes:seconds, hours:minutes:seconds
+        seconds = (a * 60 + b) * 60 + c if match.group(4) else a * 60 + b
+    return -(-seconds // 60)
+
+
+def slurm_command(*args: str) -> str:
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UserError(f"`{' '.join(args)}` did not answer ({err}); is SLURM's controller up?") from None
+    if result.returncode:
+        raise UserError(f"`{' '.join(args)}` failed: {(result.stderr or result.stdout).strip().splitlines()[-1]}")
+    return result.stdout
+
+
+def seconds_per_update(config: TrainConfig, threads: int, device: str) -> float:
+    """dt.py's update (forward_backward + optimizer_step) of the config's model on random windows (17-dim states,
+    6-dim actions), timed here: the best of 5 after 2 warm-up updates."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model, optimizer, scheduler = build_training(config, 17, 6, torch.device(device))
+    b, k = config.batch_size, config.seq_len
+    batch = (torch.randn(b, k, 17, device=device), torch.rand(b, k, 6, device=device) * 2 - 1,
+             torch.randn(b, k, device=device), torch.arange(k, device=device).repeat(b, 1),
+             torch.ones(b, k, dtype=torch.bool, device=device))
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(model, batch, config.micro_batch or (b if device == "cuda" else 64), False)
+        optimizer_step(model, optimizer, scheduler, config.clip_grad)
+        torch.cuda.synchronize() if device == "cuda" else None
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(previous)
+    return min(times[2:])
+
+
+def check_time_limit(runs: List[GridRun], minutes: int, args: argparse.Namespace) -> None:
+    """The time limit, less the signal delay, must hold one evaluation interval of every run, else no attempt
+    could reach an evaluation: eval_every updates at the rate measured here (seconds_per_update with
+    --cpus_per_task threads, or on this machine's GPU for GPU tasks; skipped for GPU tasks without one)."""
+    device = "cuda" if args.gpus_per_task else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("  (--time not checked against the evaluation interval: no GPU here to time an update on)")
+        return
+    available, measured = minutes * 60 - args.signal_delay, {}
+    for run in runs:
+        c = run.config
+        shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.activation)
+        if shape not in measured:
+            measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
+        need = c.eval_every * measured[shape]
+        if need > available:
+            raise UserError(
+                f"--time {args.time} cannot hold one evaluation interval of {run.label}: eval_every {c.eval_every} "
+                f"updates take about {need / 60:.0f} min at the {1 / measured[shape]:.1f} updates/s measured here "
+                f"(this model's update on this machine's {device.upper()}, {args.cpus_per_task} thread(s)), and "
+                f"{args.signal_delay} s are kept for the checkpoint (--signal_delay); raise --time or lower eval_every")
+
+
+def check_slurm(args: argparse.Namespace) -> int:
+    """SLURM is reachable and the partition and time limit exist; the time limit in minutes."""
+    missing = [name for name in ("sbatch", "squeue", "srun", "sinfo") if shutil.which(name) is None]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not on PATH: --executor slurm submits from a machine with SLURM's "
+                        "commands (a cluster's login node; for a test cluster: apt-get install -y slurm-wlm munge)")
+    if args.time is None:
+        raise UserError("--executor slurm needs --time, each task's time limit (e.g. 12:00:00): a run that needs "
+                        "longer is requeued from its checkpoint")
+    minutes = slurm_minutes(args.time)
+    if not minutes or args.signal_delay >= minutes * 60:
+        raise UserError(f"--time {args.time} must be longer than --signal_delay ({args.signal_delay} s)")
+    partitions = dict(line.split() for line in slurm_command("sinfo", "-h", "-o", "%R %l").splitlines() if line)
+    if args.partition is not None and args.partition not in partitions:
+        raise UserError(f"partition '{args.partition}' does not exist here; sinfo lists: {', '.join(partitions)}")
+    limit = slurm_minutes(partitions[args.partition]) if args.partition else None
+    if limit is not None and minutes > limit:
+        raise UserError(f"--time {args.time} is over partition {args.partition}'s limit {partitions[args.partition]}")
+    return minutes
+
+
+def queued_tasks(grid_dir: Path) -> Dict[str, Tuple[str, str, str]]:
+    """label -> (job id, SLURM state, reason) of this grid's tasks SLURM still knows (squeue; sacct if it has
+    accounting)."""
+    jobs = read_plan(grid_dir).get("slurm", {})
+    if not jobs or shutil.which("squeue") is None:
+        return {}
+    known = {}
+    with contextlib.suppress(UserError):
+        for line in slurm_command("squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r").splitlines():
+            job, state, reason = line.split("|")
+            known[job] = (state, "" if reason == "None" else reason)
+    missing = {job for job in jobs.values() if job not in known}
+    if missing and shutil.which("sacct"):
+        with contextlib.suppress(UserError):  # no accounting storage: sacct fails, squeue is all there is
+            for line in slurm_command("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j",
+                                      ",".join(sorted({job.split("_")[0] for job in missing}))).splitlines():
+                job, state = line.split("|")[:2]
+                known.setdefault(job, (state.split()[0], ""))
+    return {label: (job, *known[job]) for label, job in jobs.items() if job in known}
+
+
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+          "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
+def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, overrides: Dict[str, str]) -> int:
+    """Submit every unfinished run that is not queued already as one job array; print how to follow it."""
+    minutes = check_slurm(args)
+    extra_lines = dict(parse_sbatch_line(line) for line in args.sbatch)
+    plan = read_plan(grid_dir).get("runs", {})
+    states = triage(runs, grid_dir)
+    print(flush=True)
+    other = [f"{label}: {detail}" for label, (state, detail) in states.items() if state == "conflict"]
+    other += [f"{run.label}: made with {' '.join(plan[run.label]['args'])}" for run in runs
+              if run.label in plan and plan[run.label].get("args") != run.args]
+    if other:
+        raise UserError(f"{grid_dir} holds another grid ({other[0]}); choose another --grid_dir")
+    queued = {label: job for label, (job, state, _) in queued_tasks(grid_dir).items() if state in ACTIVE}
+    todo = [run for run in runs if states[run.label][0] != "done" and run.label not in queued]
+    for label, job in queued.items():
+        print(f"  {label}: already queued as SLURM job {job}, not submitted again")
+    check_time_limit(todo, minutes, args)
+    if not todo:
+        print("nothing to submit")
+        return 0
+    tasks = [make_task(run, grid_dir, *run_resources(0, 1, run.config, [], args.cpus_per_task, overrides)[:2])
+             for run in todo]
+    if args.dry_run:
+        for task in tasks:
+            print(f"  {' '.join(f'{k}={v}' for k, v in task.env.items())} {' '.join(task.command)}")
+        return 0
+    import cloudpickle
+    import submitit
+
+    if __name__ != "__main__":  # imported (tests): still pickle RunTask by value, the task does not import this file
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    created = not grid_dir.exists()
+    prepare_grid_dir(runs, grid_dir)
+    folder = grid_dir / "slurm"
+    before = set(folder.iterdir()) if folder.exists() else set()
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10_000)  # requeues are limited by RunTask
+    executor.update_parameters(
+        job_name=f"dt-{grid_dir.name}", partition=args.partition, time=minutes, cpus_per_task=args.cpus_per_task,
+        mem=args.mem, gres=f"gpu:{args.gpus_per_task}" if args.gpus_per_task else None,
+        array_parallelism=args.max_running or len(tasks), signal_delay_s=args.signal_delay, setup=args.setup,
+        stderr_to_stdout=True, additional_parameters={"requeue": True, **extra_lines})
+    started = time.perf_counter()
+    try:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except Exception as err:  # sbatch refused it: leave nothing of this submission behind
+        if created:
+            shutil.rmtree(grid_dir, ignore_errors=True)
+        else:
+            for path in set(folder.iterdir()) - before:
+                path.unlink()
+        message = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines()
+        raise UserError(f"sbatch refused the job array: {message[-1].strip()}") from None
+    array = jobs[0].job_id.split("_")[0]
+    write_plan(runs, grid_dir, {task.label: job.job_id for task, job in zip(tasks, jobs)})
+    throttle = f", at most {args.max_running} running at once" if args.max_running else ""
+    print(f"submitted SLURM job array {array}: {len(jobs)} tasks{throttle} ({time.perf_counter() - started:.1f} s)\n"
+          f"  follow:  python benchmarks/grid.py status --grid_dir {grid_dir}    squeue -r -j {array}\n"
+          f"  logs:    {grid_dir}/<run>/{LOG_NAME} (dt.py), {folder}/{array}_<task>_0_log.out (the task)\n"
+          f"  stop:    scancel {array}   (runs checkpoint first; this command again resumes them)")
+    return 0
+
+
+def parse_sbatch_line(text: str) -> Tuple[str, object]:
+    """--sbatch account=abc or --sbatch exclusive -> ("account", "abc") / ("exclusive", True)."""
+    key, sep, value = text.strip().lstrip("-").partition("=")
+    if not key or not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+        raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. "
+                        f"--sbatch account=abc --sbatch exclusive), got '{text}'")
+    return key, value if sep else True
+
+
+# ----------------------------------------------------------------------------------------------
+# Status: every run of a grid, from its folder and SLURM
+# ----------------------------------------------------------------------------------------------
+def folder_locked(run_dir: Path) -> bool:
+    """Whether a grid or dt.py on this machine holds the run folder's lock (the run is going)."""
+    try:
+        with open(run_dir / LOCK_NAME, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def status(grid_dir: Path) -> int:
+    """Print one row per run: config, seed, state, step, last score at the highest target, SLURM job, note."""
+    from report import read_run  # the report's reading of a run folder, so both agree on "finished"
+
+    if not grid_dir.is_dir():
+        raise UserError(f"{grid_dir} is not a folder; give the --grid_dir of a grid")
+    plan = read_plan(grid_dir).get("runs", {})
+    labels = sorted(set(plan) | {p.name for p in grid_dir.iterdir() if (p / LOG_NAME).exists()
+                                 or (p / "config.yaml").exists()})
+    if not labels:
+        raise UserError(f"{grid_dir} holds no grid (no {PLAN_NAME}, no run folders)")
+    queue = queued_tasks(grid_dir)
+    rows = []
+    for label in labels:
+        run_dir, log = grid_dir / label, grid_dir / label / LOG_NAME
+        result = read_run(run_dir) if run_dir.is_dir() else None
+        job, queue_state, reason = queue.get(label, (read_plan(grid_dir).get("slurm", {}).get(label, ""), "", ""))
+        footers = [line for line in log.read_text(errors="replace").splitlines()
+                   if line.startswith("=== ")] if log.exists() else []
+        if queue_state in ("RUNNING", "COMPLETING", "SIGNALING") or (run_dir.is_dir() and folder_locked(run_dir)):
+            state, note = "running", ""
+        elif queue_state in ACTIVE:
+            state, note = "pending", f"{queue_state.lower()} ({reason})" if reason else queue_state.lower()
+        elif result is not None and result.status == "finished":
+            state, note = "done", ""
+        elif footers and " grid: FAILED" in footers[-1]:
+            state, note = "failed", footers[-1].split(" grid: ", 1)[1] + (
+                f" [{last_error_line(log)}]" if "not requeued" in footers[-1] else "")
+        elif footers:
+            state, note = "stopped", "killed" if " grid: stopped" not in footers[-1] else "the grid command resumes it"
+        else:
+            state, note = "pending", "not queued: the grid command starts it"
+        if queue_state and queue_state not in ACTIVE and queue_state != "COMPLETED":
+            note = f"SLURM: {queue_state}; {note}"
+        step = f"{last_logged_step(run_dir) if run_dir.is_dir() else 0}"
+        if result is not None and result.env_name:
+            step += f"/{pyrallis.load(TrainConfig, open(run_dir / 'config.yaml')).update_steps}"
+        score = f"{result.curve[-1][1]:.2f}" if result is not None and result.curve else "-"
+        target = f"{result.target:g}" if result is not None and result.target is not None else "-"
+        config, _, seed = label.rpartition("-seed")
+        rows.append([config, seed, state, step, score, target, job or "-", note])
+    header = ["config", "seed", "state", "step", "last score", "target", "SLURM job", "note"]
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header) - 1)]
+    for row in [header] + rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    counts = {state: sum(row[2] == state for row in rows) for state in ("done", "running", "pending", "stopped",
+                                                                         "failed")}
+    print(f"{len(rows)} runs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,30 +777,52 @@ def write_sweep(spec: Dict, out: Path, command_line: str) -> None:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "run the grid on this machine"), ("sweep", "write the grid as a wandb sweep YAML")):
+    commands.add_parser("status", help="where every run of a grid stands").add_argument("--grid_dir", required=True)
+    for name, help_text in (("run", "run the grid on this machine or submit it to SLURM"),
+                            ("sweep", "write the grid as a wandb sweep YAML")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--configs", nargs="+", required=True, help="config YAML files")
         sub.add_argument("--seeds", nargs="+", type=int, required=True, help="train_seed values")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="a TrainConfig field for every run, as on dt.py's command line (repeatable)")
-        if name == "run":
-            sub.add_argument("--grid_dir", required=True, help="folder of the run folders <config label>-seed<k>")
-            sub.add_argument("--parallel", type=int, default=1, help="runs at a time (cores split between them)")
-            sub.add_argument("--status_every", type=float, default=60.0, help="seconds between progress lines")
-            sub.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
-        else:
+        if name == "sweep":
             sub.add_argument("--out", required=True, help="sweep YAML to write")
             sub.add_argument("--runs_dir", help="runs_dir of the sweep's runs on each machine "
                              "(default runs/<out stem>)")
             sub.add_argument("--project", help="wandb project (default: the configs' project field)")
+            continue
+        sub.add_argument("--grid_dir", required=True, help="folder of the run folders <config label>-seed<k>")
+        sub.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
+        sub.add_argument("--executor", choices=("local", "slurm"), default="local",
+                         help="local: this machine; slurm: one SLURM job array, one task per run")
+        sub.add_argument("--parallel", type=int, default=1, help="local: runs at a time (cores split between them)")
+        sub.add_argument("--status_every", type=float, default=60.0, help="local: seconds between progress lines")
+        slurm = sub.add_argument_group("slurm (docs/cluster.md)")
+        slurm.add_argument("--time", help="each task's time limit, minutes or [days-]hours:minutes:seconds")
+        slurm.add_argument("--partition", help="default: the cluster's default partition")
+        slurm.add_argument("--gpus_per_task", type=int, default=0, help="GPUs per task (--gres=gpu:N)")
+        slurm.add_argument("--cpus_per_task", type=int, default=1,
+                           help="CPUs per task: dt.py's threads and eval_workers (unless --set eval_workers)")
+        slurm.add_argument("--mem", help="memory per task, e.g. 16G (default: the partition's)")
+        slurm.add_argument("--max_running", type=int, help="tasks running at once (the array's %%N)")
+        slurm.add_argument("--signal_delay", type=int, default=120,
+                           help="seconds before the time limit at which a run checkpoints and is requeued")
+        slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
+                           help="any other sbatch option, without dashes (account=abc, qos=high; repeatable)")
+        slurm.add_argument("--setup", action="append", default=[], metavar="COMMAND",
+                           help="shell line run before each task (module load ..., conda activate ...; repeatable)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     try:
+        if args.command == "status":
+            sys.exit(status(Path(args.grid_dir)))
         overrides = parse_overrides(args.set)
         runs = plan_grid(args.configs, args.seeds, overrides)
+        if args.command == "run" and args.executor == "slurm":
+            sys.exit(submit_slurm(runs, Path(args.grid_dir), args, dict(overrides)))
         if args.command == "run":
             sys.exit(run_grid(runs, Path(args.grid_dir), args.parallel, args.status_every, dict(overrides),
                               args.dry_run))

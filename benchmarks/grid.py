@@ -31,8 +31,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -42,8 +43,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "algorithms"))
-from dt import (TrainConfig, UserError, build_training, checkpoint_dir, forward_backward, optimizer_step,  # noqa: E402
-                parse_config, validate_config)
+from dt import (TrainConfig, UserError, checkpoint_dir, load_d4rl_hdf5, parse_config, prepare_data,  # noqa: E402
+                validate_config)
 from pyrallis.wrappers import docstring as pyrallis_docstring  # noqa: E402
 
 # pyrallis re-reads every field's help comment from dt.py's source at each parse (about 2 s a parse here);
@@ -224,44 +225,46 @@ def write_plan(runs: List[GridRun], grid_dir: Path, jobs: Optional[Dict[str, str
 # ----------------------------------------------------------------------------------------------
 # One run: dt.py in its folder, on this machine or in a SLURM task
 # ----------------------------------------------------------------------------------------------
-def stamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
 class RunTask:
     """dt.py for one run in its folder, holding the folder's lock (inherited by dt.py, so a second grid or a rerun
     after a killed grid skips the run), its output appended to <folder>/grid.log between a start line and an
     outcome line. The local grid starts and polls it; on SLURM each array task calls it, and submitit calls
-    checkpoint() when SLURM sends the time-limit warning. Standard library only: pickled by value, a SLURM task
+    checkpoint() on SLURM's time-limit warning. Standard library only: submitit pickles it by value, so a task
     runs it without importing torch or this file."""
 
     def __init__(self, label: str, command: List[str], run_dir: Path, latest: Path, env: Dict[str, str],
                  update_steps: int):
         self.label, self.command, self.env, self.update_steps = label, command, env, update_steps
-        self.run_dir, self.latest, self.cwd = str(run_dir), str(latest), os.getcwd()
-        self.stalled = 0  # SLURM attempts in a row that wrote no checkpoint
-        self.process = self.lock = None
-        self.started = 0.0
+        self.run_dir, self.log, self.latest, self.cwd = str(run_dir), str(run_dir / LOG_NAME), str(latest), os.getcwd()
+        self.process, self.lock, self.started, self.stalled, self.signals_sent = None, None, 0.0, 0, 0
 
-    def start(self) -> bool:
-        """Start dt.py; False when the folder is locked by a run still going."""
+    def note(self, text: str) -> None:
+        with open(self.log, "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} grid{text}\n")
+
+    def start(self, wait: float = 0) -> bool:
+        """Start dt.py; False when another process holds the folder's lock for `wait` seconds."""
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-        self.lock = open(Path(self.run_dir) / LOCK_NAME, "w")
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            return False
+        self.lock, deadline = open(Path(self.run_dir) / LOCK_NAME, "w"), time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.lock.close()
+                    return False
+                time.sleep(5)
+            except OSError:  # a shared file system without flock (Lustre without -o flock): no lock
+                break
         self.started = time.time()
         job = "_".join(os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ)
         job = job or os.environ.get("SLURM_JOB_ID")  # submitit submits a lone task as a plain job
-        where = f" (SLURM job {job})" if job else ""
-        with open(Path(self.run_dir) / LOG_NAME, "a") as log:
-            log.write(f"=== {stamp()} grid{where}: {' '.join(self.command)}\n")
-            log.flush()
+        self.note(f"{f' (SLURM job {job})' if job else ''}: {' '.join(self.command)}")
+        with open(self.log, "a") as log:
             # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once (dt.py takes a second
             # one as "stop at once"); SIGUSR2 ignored: SLURM sends its time-limit warning to every process of the
-            # task, and the task answers it for dt.py (checkpoint()); pass_fds: dt.py holds the lock too
+            # task, and checkpoint() answers it for dt.py; pass_fds: dt.py holds the lock too
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.cwd,
                 start_new_session=True, pass_fds=(self.lock.fileno(),),
@@ -269,26 +272,24 @@ class RunTask:
         return True
 
     def finish(self, code: int) -> str:
-        """Note how dt.py ended (exit code `code`) in grid.log, release the folder; 'finished in ...',
-        'stopped at step N ...' or 'FAILED ...'."""
+        """Note how dt.py ended (exit code `code`) in grid.log and release the folder: 'finished in ...',
+        'stopped after ...' or 'FAILED after ...'."""
         took = time.time() - self.started
         took = f"{int(took // 60)}m{int(took % 60):02d}s" if took >= 60 else f"{took:.0f}s"
         step = last_logged_step(Path(self.run_dir))
-        log = Path(self.run_dir) / LOG_NAME
         if code == 0 and step >= self.update_steps:
             outcome = f"finished in {took}"
         elif code in STOP_CODES:
             outcome = f"stopped after {took} at step {step} (exit {code}); the same command resumes it"
         else:
-            outcome = f"FAILED after {took}, exit {code}: {last_error_line(log)} (log {log})"
-        with open(log, "a") as f:
-            f.write(f"=== {stamp()} grid: {outcome}\n")
+            outcome = f"FAILED after {took}, exit {code}: {last_error_line(Path(self.log))} (log {self.log})"
+        self.note(f": {outcome}")
         self.lock.close()
         return outcome
 
     def __call__(self) -> str:
         """A SLURM task: run dt.py to its end; raising makes the task fail (SLURM does not requeue it)."""
-        if not self.start():
+        if not self.start(wait=300):  # a node's crash leaves its lock on NFS until the lease ends
             raise RuntimeError(f"{self.run_dir} is in use by another process (a run still going?)")
         while self.process.poll() is None:  # not wait(): checkpoint() waits for dt.py from a signal handler
             time.sleep(1)
@@ -299,9 +300,9 @@ class RunTask:
         return outcome
 
     def checkpoint(self):
-        """submitit calls this on SLURM's time-limit (or preemption) warning, SIGUSR2: dt.py is asked to stop
-        (one SIGTERM: it finishes its update or evaluation, writes latest.pt and exits), then the task is
-        requeued with this object, unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
+        """submitit calls this on SLURM's time-limit warning (SIGUSR2): dt.py is asked to stop (one SIGTERM: it
+        finishes its update or evaluation, writes latest.pt and exits) and the task is requeued with this object,
+        unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
         import submitit
 
         self.process.send_signal(signal.SIGTERM)
@@ -310,15 +311,12 @@ class RunTask:
             code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         except ChildProcessError:  # reaped by the main loop just before the signal
             code = self.process.returncode
-        outcome = self.finish(code)
-        latest = Path(self.latest)
+        outcome, latest = self.finish(code), Path(self.latest)
         self.stalled = 0 if latest.exists() and latest.stat().st_mtime >= self.started else self.stalled + 1
-        why = ("dt.py failed" if outcome.startswith("FAILED") else
-               f"{self.stalled} attempts in a row wrote no checkpoint; raise --time" if
-               self.stalled >= STALLED_ATTEMPTS else "")
+        why = "dt.py failed" if outcome.startswith("FAILED") else \
+            f"{self.stalled} attempts in a row wrote no checkpoint; raise --time" * (self.stalled >= STALLED_ATTEMPTS)
         if why:
-            with open(Path(self.run_dir) / LOG_NAME, "a") as log:
-                log.write(f"=== {stamp()} grid: FAILED, not requeued: {why}\n")
+            self.note(f": FAILED, not requeued: {why}")
         print(f"{self.label}: {outcome}; {'not requeued: ' + why if why else 'requeued'}", flush=True)
         self.process = self.lock = None  # neither is pickled for the requeued task
         return None if why else submitit.helpers.DelayedSubmission(self)
@@ -349,7 +347,7 @@ def run_resources(slot: int, parallel: int, config: TrainConfig, gpus: List[str]
 
 
 def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
-    """Each run's run_state, and a line counting them."""
+    """Each run's run_state, counted on a line (left open)."""
     states = {run.label: run_state(run, grid_dir) for run in runs}
     count = {state: sum(s == state for s, _ in states.values()) for state in ("done", "resume", "new", "conflict")}
     print(f"grid {grid_dir}: {len(runs)} runs, {count['done']} finished (skipped), {count['resume']} to resume, "
@@ -388,113 +386,99 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
         raise UserError(f"--parallel must be at least 1, got {parallel}")
     states = triage(runs, grid_dir)
     pending = [run for run in runs if states[run.label][0] in ("new", "resume")]
-    failed = {run.label: f"not started: {states[run.label][1]}; use another --grid_dir or move "
-              f"{grid_dir / run.label} away" for run in runs if states[run.label][0] == "conflict"}
-    done = [label for label, (state, _) in states.items() if state == "done"]
+    outcomes = {label: "finished" for label, (state, _) in states.items() if state == "done"}
+    outcomes.update({label: f"FAILED not started: {detail}; use another --grid_dir or move {grid_dir / label} away"
+                     for label, (state, detail) in states.items() if state == "conflict"})
     parallel = min(parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
     gpus, cores = visible_gpus(), cpu_cores()
     print(f"; {parallel} at a time on {len(gpus)} GPU(s) and {cores} CPU core(s)", flush=True)
-    for label, reason in failed.items():
-        print(f"  {label}: {reason}", flush=True)
+    for label, outcome in outcomes.items():
+        if outcome.startswith("FAILED"):
+            print(f"  {label}: {outcome[7:]}", flush=True)
     if dry_run:
         for slot, run in enumerate(pending):
             env, extra, _ = run_resources(slot % parallel, parallel, run.config, gpus, cores, overrides)
             print(f"  [{states[run.label][0]}] {' '.join(f'{k}={v}' for k, v in env.items())} python {DT_SCRIPT} "
                   f"{' '.join(run.args + extra)} --run_dir={grid_dir / run.label}")
-        return 1 if failed else 0
+        return int(any(outcome.startswith("FAILED") for outcome in outcomes.values()))
     prepare_grid_dir(runs, grid_dir)
-
-    stop_signals: List[int] = []  # signals received; the main loop forwards each one once to every run
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
+    signals: List[int] = []  # received; the main loop forwards each one once to every running run
+    previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     running: Dict[int, RunTask] = {}  # worker slot -> its run
-    forwarded: Dict[str, int] = {}  # run -> signals forwarded to it
-    stopped: List[str] = []
     last_status, announced = time.monotonic(), 0
+
+    def counts() -> str:
+        failed = sum(outcome.startswith("FAILED") for outcome in outcomes.values())
+        return (f"[{sum(outcome.startswith('finished') for outcome in outcomes.values())} done, {len(running)} "
+                f"running, {failed} failed, {len(pending)} waiting]")
+
     try:
-        while (pending and not stop_signals) or running:
-            for slot in range(parallel):
-                if slot not in running and pending and not stop_signals:
-                    run = pending.pop(0)
-                    env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
-                    task = make_task(run, grid_dir, env, extra)
-                    if not task.start():
-                        reason = f"{task.run_dir} is in use by another process (a run still going?)"
-                        failed[run.label] = f"not started: {reason}"
-                        print(f"[{time.strftime('%H:%M:%S')}] skipped {run.label}: {reason}", flush=True)
-                        continue
-                    running[slot] = task
-                    verb = "resuming" if states[run.label][0] == "resume" else "starting"
-                    print(f"[{time.strftime('%H:%M:%S')}] {verb} {run.label} ({described}; log "
-                          f"{grid_dir / run.label / LOG_NAME})", flush=True)
+        while (pending and not signals) or running:
+            for slot in sorted(set(range(parallel)) - set(running)):
+                if not pending or signals:
+                    break
+                run = pending.pop(0)
+                env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
+                task = make_task(run, grid_dir, env, extra)
+                if not task.start():
+                    reason = f"{task.run_dir} is in use by another process (a run still going?)"
+                    outcomes[run.label] = f"FAILED not started: {reason}"
+                    print(f"[{time.strftime('%H:%M:%S')}] skipped {run.label}: {reason}", flush=True)
+                    continue
+                running[slot] = task
+                print(f"[{time.strftime('%H:%M:%S')}] {'resuming' if states[run.label][0] == 'resume' else 'starting'} "
+                      f"{run.label} ({described}; log {task.log})", flush=True)
             for task in running.values():
-                for sig in stop_signals[forwarded.get(task.label, 0):]:
+                for sig in signals[task.signals_sent:]:
                     with contextlib.suppress(ProcessLookupError):  # it has just exited
                         task.process.send_signal(sig)
-                forwarded[task.label] = len(stop_signals)
-            if len(stop_signals) > announced:
-                announced = len(stop_signals)
-                print(f"[{time.strftime('%H:%M:%S')}] {signal.Signals(stop_signals[-1]).name}: asked {len(running)} "
-                      f"run(s) to " + ("checkpoint and stop; waiting for them (send again to stop them at once)"
-                                       if len(stop_signals) == 1 else "stop at once"), flush=True)
+                task.signals_sent = len(signals)
+            if len(signals) > announced:
+                announced = len(signals)
+                print(f"[{time.strftime('%H:%M:%S')}] {signal.Signals(signals[-1]).name}: asked {len(running)} run(s) "
+                      "to " + ("checkpoint and stop; waiting for them (send again to stop them at once)"
+                               if announced == 1 else "stop at once"), flush=True)
             time.sleep(0.2)
             for slot, task in list(running.items()):
-                if task.process.poll() is None:
-                    continue
-                del running[slot]
-                outcome = task.finish(task.process.returncode)
-                if outcome.startswith("finished"):
-                    done.append(task.label)
-                elif outcome.startswith("FAILED"):
-                    failed[task.label] = outcome[7:]
-                else:
-                    stopped.append(task.label)
-                print(f"[{time.strftime('%H:%M:%S')}] {outcome.split(' ')[0]} {task.label} {outcome.partition(' ')[2]}"
-                      f"  [{len(done)} done, {len(running)} running, {len(failed)} failed, {len(pending)} waiting]",
-                      flush=True)
+                if task.process.poll() is not None:
+                    del running[slot]
+                    outcomes[task.label] = outcome = task.finish(task.process.returncode)
+                    verb, _, rest = outcome.partition(" ")
+                    print(f"[{time.strftime('%H:%M:%S')}] {verb} {task.label} {rest}  {counts()}", flush=True)
             if running and time.monotonic() - last_status >= status_every:
                 last_status = time.monotonic()
                 progress = ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/{task.update_steps}"
                                      for task in running.values())
-                print(f"[{time.strftime('%H:%M:%S')}] running: {progress}  [{len(done)} done, {len(failed)} failed, "
-                      f"{len(pending)} waiting]", flush=True)
+                print(f"[{time.strftime('%H:%M:%S')}] running: {progress}  {counts()}", flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+    failed = {label: outcome[7:] for label, outcome in outcomes.items() if outcome.startswith("FAILED")}
+    stopped = [label for label, outcome in outcomes.items() if outcome.startswith("stopped")]
     not_started = [run.label for run in pending]
-    print(f"grid {grid_dir}: {len(done)} of {len(runs)} runs finished, {len(failed)} failed, "
-          f"{len(stopped) + len(not_started)} not finished", flush=True)
+    print(f"grid {grid_dir}: {len(runs) - len(failed) - len(stopped) - len(not_started)} of {len(runs)} runs "
+          f"finished, {len(failed)} failed, {len(stopped) + len(not_started)} not finished", flush=True)
     for label, reason in failed.items():
         print(f"  FAILED {label}: {reason}", flush=True)
     if stopped or not_started:
         print(f"  stopped: {', '.join(stopped) or '-'}; not started: {', '.join(not_started) or '-'}; "
               "the same command continues them", flush=True)
-    if stop_signals:
-        return 128 + stop_signals[0]  # 130 for Ctrl+C, as dt.py
+    if signals:
+        return 128 + signals[0]  # 130 for Ctrl+C, as dt.py
     return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------------
 # SLURM: one job array through submitit, one task per run
 # ----------------------------------------------------------------------------------------------
-def slurm_minutes(text: str) -> Optional[int]:
-    """A SLURM time (minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]) in whole
-    minutes, rounded up as SLURM does; None for "infinite"/"UNLIMITED"."""
-    if text.strip().lower() in ("infinite", "unlimited"):
-        return None
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not match:
-        raise UserError(f"--time {text}: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)")
-    days, a, b, c = (int(x) if x else 0 for x in match.groups())
-    if match.group(1) is not None:  # days-hours[:minutes[:seconds]]
-        seconds = ((days * 24 + a) * 60 + b) * 60 + c
-    else:  # minutes, minutes:seconds, hours:minutes:seconds
-        seconds = (a * 60 + b) * 60 + c if match.group(4) else a * 60 + b
-    return -(-seconds // 60)
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+          "SIGNALING", "STAGE_OUT", "RESIZING")  # SLURM job states of a task not over yet
 
 
-def slurm_command(*args: str) -> str:
+def slurm(*args: str) -> str:
+    """A SLURM command's output; its error as a UserError."""
     try:
         result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -504,166 +488,153 @@ def slurm_command(*args: str) -> str:
     return result.stdout
 
 
+def slurm_minutes(text: str) -> Optional[int]:
+    """A SLURM time (minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]) in minutes,
+    rounded up as SLURM does; None for infinite."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if text.strip().lower() in ("infinite", "unlimited"):
+        return None
+    if not match:
+        raise UserError(f"--time {text}: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)")
+    days, a, b, c = (int(x or 0) for x in match.groups())
+    seconds = (((days * 24 + a) * 60 + b) * 60 + c if match.group(1) else  # days-hours[:minutes[:seconds]]
+               (a * 60 + b) * 60 + c if match.group(4) else a * 60 + b)  # hours:minutes:seconds, minutes[:seconds]
+    return -(-seconds // 60)
+
+
 def seconds_per_update(config: TrainConfig, threads: int, device: str) -> float:
-    """dt.py's update (forward_backward + optimizer_step) of the config's model on random windows (17-dim states,
-    6-dim actions), timed here: the best of 5 after 2 warm-up updates."""
+    """dt.py's update of the config's model on a synthetic 17-dim-state dataset, timed here by
+    benchmarks/train_speed.py (2 warm-up updates, then 5)."""
+    from train_speed import time_updates, write_synthetic_d4rl
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_synthetic_d4rl(Path(folder) / "data.hdf5", 20_000)
+        data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), config.reward_scale)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    model, optimizer, scheduler = build_training(config, 17, 6, torch.device(device))
-    b, k = config.batch_size, config.seq_len
-    batch = (torch.randn(b, k, 17, device=device), torch.rand(b, k, 6, device=device) * 2 - 1,
-             torch.randn(b, k, device=device), torch.arange(k, device=device).repeat(b, 1),
-             torch.ones(b, k, dtype=torch.bool, device=device))
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, batch, config.micro_batch or (b if device == "cuda" else 64), False)
-        optimizer_step(model, optimizer, scheduler, config.clip_grad)
-        torch.cuda.synchronize() if device == "cuda" else None
-        times.append(time.perf_counter() - start)
-    torch.set_num_threads(previous)
-    return min(times[2:])
+    try:
+        return float(time_updates(replace(config, compile=False), data, torch.device(device), 5, 2)[1].sum())
+    finally:
+        torch.set_num_threads(previous)
 
 
-def check_time_limit(runs: List[GridRun], minutes: int, args: argparse.Namespace) -> None:
-    """The time limit, less the signal delay, must hold one evaluation interval of every run, else no attempt
-    could reach an evaluation: eval_every updates at the rate measured here (seconds_per_update with
-    --cpus_per_task threads, or on this machine's GPU for GPU tasks; skipped for GPU tasks without one)."""
-    device = "cuda" if args.gpus_per_task else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("  (--time not checked against the evaluation interval: no GPU here to time an update on)")
-        return
-    available, measured = minutes * 60 - args.signal_delay, {}
-    for run in runs:
-        c = run.config
-        shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.activation)
-        if shape not in measured:
-            measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
-        need = c.eval_every * measured[shape]
-        if need > available:
-            raise UserError(
-                f"--time {args.time} cannot hold one evaluation interval of {run.label}: eval_every {c.eval_every} "
-                f"updates take about {need / 60:.0f} min at the {1 / measured[shape]:.1f} updates/s measured here "
-                f"(this model's update on this machine's {device.upper()}, {args.cpus_per_task} thread(s)), and "
-                f"{args.signal_delay} s are kept for the checkpoint (--signal_delay); raise --time or lower eval_every")
-
-
-def check_slurm(args: argparse.Namespace) -> int:
-    """SLURM is reachable and the partition and time limit exist; the time limit in minutes."""
+def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
+    """SLURM answers, the partition exists, and the time limit fits it and holds one evaluation interval of every
+    run (eval_every updates at the rate measured here, see seconds_per_update); returns the limit in minutes."""
     missing = [name for name in ("sbatch", "squeue", "srun", "sinfo") if shutil.which(name) is None]
     if missing:
         raise UserError(f"{', '.join(missing)} not on PATH: --executor slurm submits from a machine with SLURM's "
                         "commands (a cluster's login node; for a test cluster: apt-get install -y slurm-wlm munge)")
     if args.time is None:
-        raise UserError("--executor slurm needs --time, each task's time limit (e.g. 12:00:00): a run that needs "
+        raise UserError("--executor slurm needs --time, each task's time limit (e.g. 12:00:00); a run that needs "
                         "longer is requeued from its checkpoint")
     minutes = slurm_minutes(args.time)
-    if not minutes or args.signal_delay >= minutes * 60:
+    available = (minutes or 0) * 60 - args.signal_delay
+    if available <= 0:
         raise UserError(f"--time {args.time} must be longer than --signal_delay ({args.signal_delay} s)")
-    partitions = dict(line.split() for line in slurm_command("sinfo", "-h", "-o", "%R %l").splitlines() if line)
+    partitions = dict(line.split() for line in slurm("sinfo", "-h", "-o", "%R %l").splitlines() if line.strip())
     if args.partition is not None and args.partition not in partitions:
         raise UserError(f"partition '{args.partition}' does not exist here; sinfo lists: {', '.join(partitions)}")
     limit = slurm_minutes(partitions[args.partition]) if args.partition else None
     if limit is not None and minutes > limit:
         raise UserError(f"--time {args.time} is over partition {args.partition}'s limit {partitions[args.partition]}")
+    device = "cuda" if args.gpus_per_task else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("  --time is not checked against the evaluation interval: no GPU here to time an update on")
+        return minutes
+    measured = {}
+    for run in runs:
+        c = run.config
+        shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.bf16)
+        if shape not in measured:
+            measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
+        rate = 1 / measured[shape]
+        if c.eval_every / rate > available:
+            raise UserError(
+                f"--time {args.time} cannot hold one evaluation interval of {run.label}: eval_every {c.eval_every} "
+                f"updates take {c.eval_every / rate / 60:.0f} min at the {rate:.1f} updates/s this model trains at on "
+                f"this machine's {device.upper()} with {args.cpus_per_task} thread(s), and --signal_delay keeps "
+                f"{args.signal_delay} s for the checkpoint; raise --time or lower eval_every")
     return minutes
 
 
 def queued_tasks(grid_dir: Path) -> Dict[str, Tuple[str, str, str]]:
-    """label -> (job id, SLURM state, reason) of this grid's tasks SLURM still knows (squeue; sacct if it has
-    accounting)."""
-    jobs = read_plan(grid_dir).get("slurm", {})
+    """label -> (job id, SLURM state, reason) of the grid's tasks SLURM still knows: squeue, and sacct where the
+    cluster keeps accounting (squeue forgets a finished job after MinJobAge, 300 s by default)."""
+    jobs, known = read_plan(grid_dir).get("slurm", {}), {}
     if not jobs or shutil.which("squeue") is None:
         return {}
-    known = {}
     with contextlib.suppress(UserError):
-        for line in slurm_command("squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r").splitlines():
+        for line in slurm("squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r").splitlines():
             job, state, reason = line.split("|")
             known[job] = (state, "" if reason == "None" else reason)
-    missing = {job for job in jobs.values() if job not in known}
+    missing = ",".join(sorted({job.split("_")[0] for job in jobs.values() if job not in known}))
     if missing and shutil.which("sacct"):
-        with contextlib.suppress(UserError):  # no accounting storage: sacct fails, squeue is all there is
-            for line in slurm_command("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j",
-                                      ",".join(sorted({job.split("_")[0] for job in missing}))).splitlines():
-                job, state = line.split("|")[:2]
-                known.setdefault(job, (state.split()[0], ""))
+        with contextlib.suppress(UserError):  # without accounting sacct fails: squeue is all there is
+            for line in slurm("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", missing).splitlines():
+                known.setdefault(line.split("|")[0], (line.split("|")[1].split()[0], ""))
     return {label: (job, *known[job]) for label, job in jobs.items() if job in known}
 
 
-ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
-          "RESIZING", "SIGNALING", "STAGE_OUT")
-
-
 def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, overrides: Dict[str, str]) -> int:
-    """Submit every unfinished run that is not queued already as one job array; print how to follow it."""
-    minutes = check_slurm(args)
-    extra_lines = dict(parse_sbatch_line(line) for line in args.sbatch)
-    plan = read_plan(grid_dir).get("runs", {})
-    states = triage(runs, grid_dir)
+    """Submit every unfinished run not queued already, as one job array; print how to follow it."""
+    sbatch = dict(parse_sbatch_option(option) for option in args.sbatch)
+    states, plan = triage(runs, grid_dir), read_plan(grid_dir).get("runs", {})
     print(flush=True)
-    other = [f"{label}: {detail}" for label, (state, detail) in states.items() if state == "conflict"]
-    other += [f"{run.label}: made with {' '.join(plan[run.label]['args'])}" for run in runs
-              if run.label in plan and plan[run.label].get("args") != run.args]
+    other = [f"{label}: {detail}" for label, (state, detail) in states.items() if state == "conflict"] + \
+        [f"{run.label}: made with {' '.join(plan[run.label].get('args', []))}" for run in runs
+         if run.label in plan and plan[run.label].get("args") != run.args]
     if other:
         raise UserError(f"{grid_dir} holds another grid ({other[0]}); choose another --grid_dir")
     queued = {label: job for label, (job, state, _) in queued_tasks(grid_dir).items() if state in ACTIVE}
-    todo = [run for run in runs if states[run.label][0] != "done" and run.label not in queued]
     for label, job in queued.items():
         print(f"  {label}: already queued as SLURM job {job}, not submitted again")
-    check_time_limit(todo, minutes, args)
-    if not todo:
-        print("nothing to submit")
-        return 0
+    todo = [run for run in runs if states[run.label][0] != "done" and run.label not in queued]
+    minutes = check_slurm(todo, args)
     tasks = [make_task(run, grid_dir, *run_resources(0, 1, run.config, [], args.cpus_per_task, overrides)[:2])
-             for run in todo]
-    if args.dry_run:
+             for run in todo]  # SLURM gives each task its GPUs (CUDA_VISIBLE_DEVICES)
+    if not tasks or args.dry_run:
         for task in tasks:
             print(f"  {' '.join(f'{k}={v}' for k, v in task.env.items())} {' '.join(task.command)}")
+        print("nothing to submit" if not tasks else "dry run: nothing submitted")
         return 0
     import cloudpickle
     import submitit
 
-    if __name__ != "__main__":  # imported (tests): still pickle RunTask by value, the task does not import this file
+    if __name__ != "__main__":  # imported (tests): RunTask is still pickled by value, tasks do not import this file
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    created = not grid_dir.exists()
+    created, folder = not grid_dir.exists(), grid_dir / "slurm"
     prepare_grid_dir(runs, grid_dir)
-    folder = grid_dir / "slurm"
     before = set(folder.iterdir()) if folder.exists() else set()
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10_000)  # requeues are limited by RunTask
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10_000)  # RunTask limits the requeues
     executor.update_parameters(
         job_name=f"dt-{grid_dir.name}", partition=args.partition, time=minutes, cpus_per_task=args.cpus_per_task,
-        mem=args.mem, gres=f"gpu:{args.gpus_per_task}" if args.gpus_per_task else None,
-        array_parallelism=args.max_running or len(tasks), signal_delay_s=args.signal_delay, setup=args.setup,
-        stderr_to_stdout=True, additional_parameters={"requeue": True, **extra_lines})
-    started = time.perf_counter()
+        gres=f"gpu:{args.gpus_per_task}" if args.gpus_per_task else None, mem=args.mem, setup=args.setup,
+        array_parallelism=args.max_running or len(tasks), signal_delay_s=args.signal_delay, stderr_to_stdout=True,
+        additional_parameters={"requeue": True, **sbatch})
     try:
         with executor.batch():
             jobs = [executor.submit(task) for task in tasks]
-    except Exception as err:  # sbatch refused it: leave nothing of this submission behind
-        if created:
-            shutil.rmtree(grid_dir, ignore_errors=True)
-        else:
-            for path in set(folder.iterdir()) - before:
-                path.unlink()
-        message = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines()
-        raise UserError(f"sbatch refused the job array: {message[-1].strip()}") from None
+    except Exception as err:  # sbatch refused it: nothing of this submission is left behind
+        shutil.rmtree(grid_dir) if created else [path.unlink() for path in set(folder.iterdir()) - before]
+        lines = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines() or [""]
+        raise UserError(f"sbatch refused the job array: {lines[-1].strip()}") from None
     array = jobs[0].job_id.split("_")[0]
     write_plan(runs, grid_dir, {task.label: job.job_id for task, job in zip(tasks, jobs)})
-    throttle = f", at most {args.max_running} running at once" if args.max_running else ""
-    print(f"submitted SLURM job array {array}: {len(jobs)} tasks{throttle} ({time.perf_counter() - started:.1f} s)\n"
-          f"  follow:  python benchmarks/grid.py status --grid_dir {grid_dir}    squeue -r -j {array}\n"
-          f"  logs:    {grid_dir}/<run>/{LOG_NAME} (dt.py), {folder}/{array}_<task>_0_log.out (the task)\n"
-          f"  stop:    scancel {array}   (runs checkpoint first; this command again resumes them)")
+    print(f"submitted SLURM job array {array}: {len(jobs)} task(s)"
+          f"{f', at most {args.max_running} at once' if args.max_running else ''}\n"
+          f"  follow: python benchmarks/grid.py status --grid_dir {grid_dir}    (or squeue -r -j {array})\n"
+          f"  logs:   {grid_dir}/<run>/{LOG_NAME} (dt.py), {folder}/{array}_<task>_0_log.out (the task)\n"
+          f"  stop:   scancel {array}    (the runs checkpoint; the same command resubmits them)")
     return 0
 
 
-def parse_sbatch_line(text: str) -> Tuple[str, object]:
-    """--sbatch account=abc or --sbatch exclusive -> ("account", "abc") / ("exclusive", True)."""
+def parse_sbatch_option(text: str) -> Tuple[str, object]:
+    """--sbatch account=abc / --sbatch exclusive -> ("account", "abc") / ("exclusive", True)."""
     key, sep, value = text.strip().lstrip("-").partition("=")
-    if not key or not re.fullmatch(r"[a-z][a-z0-9-]*", key):
-        raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. "
-                        f"--sbatch account=abc --sbatch exclusive), got '{text}'")
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+        raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. --sbatch "
+                        f"account=abc --sbatch exclusive), got '{text}'")
     return key, value if sep else True
 
 
@@ -671,7 +642,7 @@ def parse_sbatch_line(text: str) -> Tuple[str, object]:
 # Status: every run of a grid, from its folder and SLURM
 # ----------------------------------------------------------------------------------------------
 def folder_locked(run_dir: Path) -> bool:
-    """Whether a grid or dt.py on this machine holds the run folder's lock (the run is going)."""
+    """Whether a process on this machine (a grid, dt.py) holds the run folder's lock: the run is going."""
     try:
         with open(run_dir / LOCK_NAME, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -683,53 +654,46 @@ def folder_locked(run_dir: Path) -> bool:
 
 
 def status(grid_dir: Path) -> int:
-    """Print one row per run: config, seed, state, step, last score at the highest target, SLURM job, note."""
-    from report import read_run  # the report's reading of a run folder, so both agree on "finished"
+    """One row per run: config, seed, state, step reached, last score at the highest target, SLURM job, note."""
+    from report import read_run  # the report's reading of a run folder: both agree on what finished
 
-    if not grid_dir.is_dir():
-        raise UserError(f"{grid_dir} is not a folder; give the --grid_dir of a grid")
-    plan = read_plan(grid_dir).get("runs", {})
-    labels = sorted(set(plan) | {p.name for p in grid_dir.iterdir() if (p / LOG_NAME).exists()
-                                 or (p / "config.yaml").exists()})
+    plan = read_plan(grid_dir)
+    labels = sorted(set(plan.get("runs", {})) | {p.parent.name for name in (LOG_NAME, "config.yaml")
+                                                  for p in grid_dir.glob(f"*/{name}")})
     if not labels:
-        raise UserError(f"{grid_dir} holds no grid (no {PLAN_NAME}, no run folders)")
-    queue = queued_tasks(grid_dir)
-    rows = []
+        raise UserError(f"{grid_dir} holds no grid (no {PLAN_NAME}, no run folders); give a grid's --grid_dir")
+    queue, rows = queued_tasks(grid_dir), []
     for label in labels:
         run_dir, log = grid_dir / label, grid_dir / label / LOG_NAME
         result = read_run(run_dir) if run_dir.is_dir() else None
-        job, queue_state, reason = queue.get(label, (read_plan(grid_dir).get("slurm", {}).get(label, ""), "", ""))
-        footers = [line for line in log.read_text(errors="replace").splitlines()
-                   if line.startswith("=== ")] if log.exists() else []
-        if queue_state in ("RUNNING", "COMPLETING", "SIGNALING") or (run_dir.is_dir() and folder_locked(run_dir)):
+        job, queued, reason = queue.get(label, (plan.get("slurm", {}).get(label, "-"), "", ""))
+        last = ([line for line in log.read_text(errors="replace").splitlines() if line.startswith("=== ")] or [""]
+                )[-1].partition(" grid")[2] if log.exists() else ""
+        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or (run_dir.is_dir() and folder_locked(run_dir)):
             state, note = "running", ""
-        elif queue_state in ACTIVE:
-            state, note = "pending", f"{queue_state.lower()} ({reason})" if reason else queue_state.lower()
+        elif queued in ACTIVE:
+            state, note = "pending", f"{queued.lower()}{f' ({reason})' if reason else ''}"
         elif result is not None and result.status == "finished":
             state, note = "done", ""
-        elif footers and " grid: FAILED" in footers[-1]:
-            state, note = "failed", footers[-1].split(" grid: ", 1)[1] + (
-                f" [{last_error_line(log)}]" if "not requeued" in footers[-1] else "")
-        elif footers:
-            state, note = "stopped", "killed" if " grid: stopped" not in footers[-1] else "the grid command resumes it"
+        elif ": FAILED" in last:
+            state, note = "failed", last.partition(": ")[2]
         else:
-            state, note = "pending", "not queued: the grid command starts it"
-        if queue_state and queue_state not in ACTIVE and queue_state != "COMPLETED":
-            note = f"SLURM: {queue_state}; {note}"
-        step = f"{last_logged_step(run_dir) if run_dir.is_dir() else 0}"
-        if result is not None and result.env_name:
-            step += f"/{pyrallis.load(TrainConfig, open(run_dir / 'config.yaml')).update_steps}"
+            state = "stopped" if last else "pending"
+            note = ("killed before its checkpoint" if "stopped" not in last else "the grid command resumes it"
+                    ) if last else "not queued: the grid command starts it"
+        note = f"SLURM {queued}; {note}" if queued and queued not in ACTIVE + ("COMPLETED",) else note
+        total = yaml.safe_load((run_dir / "config.yaml").read_text())["update_steps"] \
+            if (run_dir / "config.yaml").exists() else "?"
         score = f"{result.curve[-1][1]:.2f}" if result is not None and result.curve else "-"
         target = f"{result.target:g}" if result is not None and result.target is not None else "-"
         config, _, seed = label.rpartition("-seed")
-        rows.append([config, seed, state, step, score, target, job or "-", note])
+        rows.append([config, seed, state, f"{last_logged_step(run_dir)}/{total}", score, target, job, note])
     header = ["config", "seed", "state", "step", "last score", "target", "SLURM job", "note"]
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header) - 1)]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    counts = {state: sum(row[2] == state for row in rows) for state in ("done", "running", "pending", "stopped",
-                                                                         "failed")}
-    print(f"{len(rows)} runs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"{len(rows)} runs: " + ", ".join(f"{sum(row[2] == state for row in rows)} {state}"
+                                            for state in ("done", "running", "pending", "stopped", "failed")))
     return 0
 
 

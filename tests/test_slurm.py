@@ -6,6 +6,8 @@ error fails once and shows in `status`, and bad input is refused before anything
 Skipped when the SLURM binaries are absent (apt-get install -y slurm-wlm munge) or not root; in CI (CI=true)
 that is a failure instead. The runs are tiny DTs on configs/dt/quickstart.yaml's bundled dataset.
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -50,21 +52,35 @@ def slurm(tmp_path_factory):
     local_slurm.stop(folder)
 
 
-def grid_py(env, *args, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/grid.py"), *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert not check or result.returncode == 0, result.stdout + result.stderr
-    return result
+def grid_main(env, *args):
+    """grid.main(args) in this process, with env's variables and from the repository root (sbatch hands the same
+    environment to the tasks): (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.chdir(ROOT)
+        try:
+            grid.main(list(args))
+            code = 0
+        except SystemExit as stopped:
+            code = stopped.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def sets(fields):
     return [arg for key, value in fields.items() for arg in ("--set", f"{key}={value}")]
 
 
-def submit(env, grid_dir, configs=(QUICKSTART,), fields=SHORT, *extra, check=True):
-    return grid_py(env, "run", "--configs", *configs, "--seeds", "0", "--grid_dir", str(grid_dir), *sets(fields),
-                "--executor", "slurm", "--time", "10", "--signal_delay", "60", "--cpus_per_task", "1", *extra,
-                check=check)
+def slurm_args(grid_dir, configs=(QUICKSTART,), fields=SHORT, *extra):
+    return ["run", "--configs", *configs, "--seeds", "0", "--grid_dir", str(grid_dir), *sets(fields), "--executor",
+            "slurm", "--time", "10", "--signal_delay", "60", "--cpus_per_task", "1", *extra]
+
+
+def submit(env, *args):
+    code, out, err = grid_main(env, *slurm_args(*args))
+    assert code == 0, out + err
+    return out
 
 
 def slurm_run(env, *args):
@@ -109,9 +125,12 @@ def config_copy(folder: Path, name: str, **changes) -> str:
 
 
 def test_grid_completes_report_reads_it_and_a_second_submission_runs_nothing(slurm, tmp_path):
-    grid_dir = tmp_path / "grid"
-    out = submit(slurm, grid_dir, (QUICKSTART, config_copy(tmp_path, "quickstart_half_lr", learning_rate=0.0005))).stdout
-    array = re.search(r"submitted SLURM job array (\d+): 2 tasks", out).group(1)
+    grid_dir, configs = tmp_path / "grid", (QUICKSTART, config_copy(tmp_path, "quickstart_half_lr", learning_rate=0.0005))
+    command = subprocess.run([sys.executable, str(ROOT / "benchmarks/grid.py"), *slurm_args(grid_dir, configs)],
+                             env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = command.stdout
+    assert command.returncode == 0, out + command.stderr
+    array = re.search(r"submitted SLURM job array (\d+): 2 task\(s\)", out).group(1)
     assert f"squeue -r -j {array}" in out and f"status --grid_dir {grid_dir}" in out
     runs = [grid_dir / "quickstart-seed0", grid_dir / "quickstart_half_lr-seed0"]
     wait_for(lambda: all(finished(run) for run in runs), 240, "both runs to finish")
@@ -127,7 +146,7 @@ def test_grid_completes_report_reads_it_and_a_second_submission_runs_nothing(slu
     assert table.count("hopper-quickstart-medium-replay") == 2 and "Not averaged in" not in \
         (tmp_path / "report" / "results.md").read_text()
 
-    status = grid_py(slurm, "status", "--grid_dir", str(grid_dir)).stdout.splitlines()
+    status = grid_main(slurm, "status", "--grid_dir", str(grid_dir))[1].splitlines()
     for label, run in zip(("quickstart ", "quickstart_half_lr "), runs):
         row = next(line for line in status if line.startswith(label)).split()
         score = [r for r in rows(run) if "eval/500.0_normalized_score_mean" in r][-1]["eval/500.0_normalized_score_mean"]
@@ -136,7 +155,7 @@ def test_grid_completes_report_reads_it_and_a_second_submission_runs_nothing(slu
 
     before = {run: (run / "metrics.jsonl").read_bytes() for run in runs}
     jobs = slurm_run(slurm, "squeue", "-h", "-r", "--states=all", "-o", "%i")
-    again = submit(slurm, grid_dir, (QUICKSTART, config_copy(tmp_path, "quickstart_half_lr", learning_rate=0.0005))).stdout
+    again = submit(slurm, grid_dir, configs)
     assert "2 finished (skipped)" in again and "nothing to submit" in again and "submitted" not in again
     assert slurm_run(slurm, "squeue", "-h", "-r", "--states=all", "-o", "%i") == jobs
     assert {run: (run / "metrics.jsonl").read_bytes() for run in runs} == before
@@ -240,20 +259,17 @@ def test_a_config_error_fails_once_and_status_shows_its_error(slurm, tmp_path):
     log = (grid_dir / "quickstart-seed0" / "grid.log").read_text()
     assert log.count(" grid (SLURM job ") == 1 and "grid: FAILED" in log
     assert "Restarts=0" in slurm_run(slurm, "scontrol", "show", "job", job)
-    status = grid_py(slurm, "status", "--grid_dir", str(grid_dir)).stdout
+    status = grid_main(slurm, "status", "--grid_dir", str(grid_dir))[1]
     row = next(line for line in status.splitlines() if line.startswith("quickstart "))
     assert row.split()[2] == "failed" and job in row
     assert "error: dataset has state/action sizes 11/3 but env Walker2d-v4 has 17/6" in row
 
 
 @pytest.mark.parametrize("case", ["no sbatch", "unknown partition", "time limit", "another grid", "bad time"])
-def test_bad_submissions_end_with_one_line_and_submit_nothing(case, slurm, tmp_path, monkeypatch, capsys):
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(ROOT)
-    grid_dir, extra, fields = tmp_path / "grid", [], SHORT
+def test_bad_submissions_end_with_one_line_and_submit_nothing(case, slurm, tmp_path):
+    grid_dir, extra, fields, env = tmp_path / "grid", [], SHORT, slurm
     if case == "no sbatch":
-        monkeypatch.setenv("PATH", str(tmp_path))
+        env = {**slurm, "PATH": str(tmp_path)}
         message = "error: sbatch, squeue, srun, sinfo not on PATH: --executor slurm submits from a machine with " \
                   "SLURM's commands (a cluster's login node; for a test cluster: apt-get install -y slurm-wlm munge)"
     elif case == "unknown partition":
@@ -273,10 +289,8 @@ def test_bad_submissions_end_with_one_line_and_submit_nothing(case, slurm, tmp_p
         message = "error: --time 12h: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)"
     jobs = slurm_run(slurm, "squeue", "-h", "-r", "--states=all", "-o", "%i")
     before = sorted(p.name for p in grid_dir.rglob("*")) if grid_dir.exists() else None
-    with pytest.raises(SystemExit) as stopped:
-        grid.main(["run", "--configs", QUICKSTART, "--seeds", "0", "--grid_dir", str(grid_dir), *sets(fields),
-                   "--executor", "slurm", "--time", "10", "--signal_delay", "60", *extra])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert stopped.value.code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+    code, _, err = grid_main(env, *slurm_args(grid_dir, (QUICKSTART,), fields, *extra))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
     assert (sorted(p.name for p in grid_dir.rglob("*")) if grid_dir.exists() else None) == before
     assert slurm_run(slurm, "squeue", "-h", "-r", "--states=all", "-o", "%i") == jobs

@@ -236,7 +236,9 @@ class RunTask:
                  update_steps: int):
         self.label, self.command, self.env, self.update_steps = label, command, env, update_steps
         self.run_dir, self.log, self.latest, self.cwd = str(run_dir), str(run_dir / LOG_NAME), str(latest), os.getcwd()
-        self.process, self.lock, self.started, self.stalled, self.signals_sent = None, None, 0.0, 0, 0
+        self.process = self.lock = self.checkpointed = None
+        self.started, self.signals_sent = 0.0, 0
+        self.stalled = 0  # SLURM attempts in a row that left latest.pt as it was
 
     def note(self, text: str) -> None:
         with open(self.log, "a") as log:
@@ -257,7 +259,7 @@ class RunTask:
                 time.sleep(5)
             except OSError:  # a shared file system without flock (Lustre without -o flock): no lock
                 break
-        self.started = time.time()
+        self.started, self.checkpointed = time.time(), self.latest_mtime()  # progress: latest.pt rewritten
         job = "_".join(os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ)
         job = job or os.environ.get("SLURM_JOB_ID")  # submitit submits a lone task as a plain job
         self.note(f"{f' (SLURM job {job})' if job else ''}: {' '.join(self.command)}")
@@ -305,21 +307,28 @@ class RunTask:
         unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
         import submitit
 
-        self.process.send_signal(signal.SIGTERM)
-        try:  # the exit code without reaping: the interrupted main loop may hold Popen's wait lock
-            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
-            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-        except ChildProcessError:  # reaped by the main loop just before the signal
-            code = self.process.returncode
-        outcome, latest = self.finish(code), Path(self.latest)
-        self.stalled = 0 if latest.exists() and latest.stat().st_mtime >= self.started else self.stalled + 1
-        why = "dt.py failed" if outcome.startswith("FAILED") else \
-            f"{self.stalled} attempts in a row wrote no checkpoint; raise --time" * (self.stalled >= STALLED_ATTEMPTS)
-        if why:
-            self.note(f": FAILED, not requeued: {why}")
-        print(f"{self.label}: {outcome}; {'not requeued: ' + why if why else 'requeued'}", flush=True)
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:  # the exit code without reaping it: the interrupted main loop may hold Popen's wait lock
+                info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            except ChildProcessError:  # reaped by the main loop just before the signal
+                code = self.process.returncode
+            outcome = self.finish(code)
+            self.stalled = 0 if self.latest_mtime() != self.checkpointed else self.stalled + 1
+            why = ("dt.py failed" if outcome.startswith("FAILED") else
+                   f"{self.stalled} attempts in a row wrote no checkpoint; raise --time"
+                   if self.stalled >= STALLED_ATTEMPTS else "")
+            if why:
+                self.note(f": FAILED, not requeued: {why}")
+            print(f"{self.label}: {outcome}; {'not requeued: ' + why if why else 'requeued'}", flush=True)
+            if why:
+                return None
         self.process = self.lock = None  # neither is pickled for the requeued task
-        return None if why else submitit.helpers.DelayedSubmission(self)
+        return submitit.helpers.DelayedSubmission(self)
+
+    def latest_mtime(self) -> Optional[float]:
+        return os.stat(self.latest).st_mtime if os.path.exists(self.latest) else None
 
 
 def make_task(run: GridRun, grid_dir: Path, env: Dict[str, str], extra: List[str]) -> RunTask:
@@ -532,12 +541,14 @@ def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
     available = (minutes or 0) * 60 - args.signal_delay
     if available <= 0:
         raise UserError(f"--time {args.time} must be longer than --signal_delay ({args.signal_delay} s)")
-    partitions = dict(line.split() for line in slurm("sinfo", "-h", "-o", "%R %l").splitlines() if line.strip())
+    partitions = dict(line.split() for line in slurm("sinfo", "-h", "-o", "%P %l").splitlines() if line.strip())
+    partition = args.partition or next((name for name in partitions if name.endswith("*")), None)  # * the default
     if args.partition is not None and args.partition not in partitions:
-        raise UserError(f"partition '{args.partition}' does not exist here; sinfo lists: {', '.join(partitions)}")
-    limit = slurm_minutes(partitions[args.partition]) if args.partition else None
+        raise UserError(f"partition '{args.partition}' does not exist here; sinfo lists: "
+                        f"{', '.join(name.rstrip('*') for name in partitions)}")
+    limit = slurm_minutes(partitions[partition]) if partition else None
     if limit is not None and minutes > limit:
-        raise UserError(f"--time {args.time} is over partition {args.partition}'s limit {partitions[args.partition]}")
+        raise UserError(f"--time {args.time} is over partition {partition.rstrip('*')}'s limit {partitions[partition]}")
     device = "cuda" if args.gpus_per_task else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         print("  --time is not checked against the evaluation interval: no GPU here to time an update on")
@@ -578,6 +589,11 @@ def queued_tasks(grid_dir: Path) -> Dict[str, Tuple[str, str, str]]:
 
 def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, overrides: Dict[str, str]) -> int:
     """Submit every unfinished run not queued already, as one job array; print how to follow it."""
+    try:
+        import cloudpickle
+        import submitit
+    except ImportError as err:
+        raise UserError(f"--executor slurm needs {err.name}: pip install -r requirements-dev.txt") from None
     sbatch = dict(parse_sbatch_option(option) for option in args.sbatch)
     states, plan = triage(runs, grid_dir), read_plan(grid_dir).get("runs", {})
     print(flush=True)
@@ -598,14 +614,15 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
             print(f"  {' '.join(f'{k}={v}' for k, v in task.env.items())} {' '.join(task.command)}")
         print("nothing to submit" if not tasks else "dry run: nothing submitted")
         return 0
-    import cloudpickle
-    import submitit
-
     if __name__ != "__main__":  # imported (tests): RunTask is still pickled by value, tasks do not import this file
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    created, folder = not grid_dir.exists(), grid_dir / "slurm"
-    prepare_grid_dir(runs, grid_dir)
-    before = set(folder.iterdir()) if folder.exists() else set()
+    folder = grid_dir / "slurm"
+    created = [path for path in (grid_dir, folder) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
+    before = set(folder.iterdir())
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10_000)  # RunTask limits the requeues
     executor.update_parameters(
         job_name=f"dt-{grid_dir.name}", partition=args.partition, time=minutes, cpus_per_task=args.cpus_per_task,
@@ -613,14 +630,18 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
         array_parallelism=args.max_running or len(tasks), signal_delay_s=args.signal_delay, stderr_to_stdout=True,
         additional_parameters={"requeue": True, **sbatch})
     try:
-        with executor.batch():
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # submitit prints sbatch's errors too
             jobs = [executor.submit(task) for task in tasks]
     except Exception as err:  # sbatch refused it: nothing of this submission is left behind
-        shutil.rmtree(grid_dir) if created else [path.unlink() for path in set(folder.iterdir()) - before]
-        lines = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines() or [""]
-        raise UserError(f"sbatch refused the job array: {lines[-1].strip()}") from None
+        for path in set(folder.iterdir()) - before:
+            path.unlink()
+        for path in reversed(created):
+            shutil.rmtree(path, ignore_errors=True)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        errors = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line] or lines[-1:]
+        raise UserError(f"sbatch refused the job array: {'; '.join(dict.fromkeys(errors))}") from None
     array = jobs[0].job_id.split("_")[0]
-    write_plan(runs, grid_dir, {task.label: job.job_id for task, job in zip(tasks, jobs)})
+    write_plan(runs, grid_dir, {task.label: job.job_id for task, job in zip(tasks, jobs)})  # after: no half plan
     print(f"submitted SLURM job array {array}: {len(jobs)} task(s)"
           f"{f', at most {args.max_running} at once' if args.max_running else ''}\n"
           f"  follow: python benchmarks/grid.py status --grid_dir {grid_dir}    (or squeue -r -j {array})\n"
@@ -679,7 +700,7 @@ def status(grid_dir: Path) -> int:
             state, note = "failed", last.partition(": ")[2]
         else:
             state = "stopped" if last else "pending"
-            note = ("killed before its checkpoint" if "stopped" not in last else "the grid command resumes it"
+            note = ("the grid command resumes it" if "stopped" in last else "ended without an outcome line (killed)"
                     ) if last else "not queued: the grid command starts it"
         note = f"SLURM {queued}; {note}" if queued and queued not in ACTIVE + ("COMPLETED",) else note
         total = yaml.safe_load((run_dir / "config.yaml").read_text())["update_steps"] \
@@ -769,7 +790,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                            help="CPUs per task: dt.py's threads and eval_workers (unless --set eval_workers)")
         slurm.add_argument("--mem", help="memory per task, e.g. 16G (default: the partition's)")
         slurm.add_argument("--max_running", type=int, help="tasks running at once (the array's %%N)")
-        slurm.add_argument("--signal_delay", type=int, default=120,
+        slurm.add_argument("--signal_delay", type=int, default=300,
                            help="seconds before the time limit at which a run checkpoints and is requeued")
         slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
                            help="any other sbatch option, without dashes (account=abc, qos=high; repeatable)")

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+import dt
 from conftest import ROOT
 
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "benchmarks")]
@@ -102,8 +103,7 @@ def wait_for(condition, timeout, what):
 
 
 def rows(run_dir: Path):
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return dt.read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
 
 
 def latest(run_dir: Path):
@@ -125,7 +125,8 @@ def config_copy(folder: Path, name: str, **changes) -> str:
 
 
 def test_grid_completes_report_reads_it_and_a_second_submission_runs_nothing(slurm, tmp_path):
-    grid_dir, configs = tmp_path / "grid", (QUICKSTART, config_copy(tmp_path, "quickstart_half_lr", learning_rate=0.0005))
+    grid_dir = tmp_path / "grid"
+    configs = (QUICKSTART, config_copy(tmp_path, "quickstart_half_lr", learning_rate=0.0005))
     command = subprocess.run([sys.executable, str(ROOT / "benchmarks/grid.py"), *slurm_args(grid_dir, configs)],
                              env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = command.stdout
@@ -140,7 +141,8 @@ def test_grid_completes_report_reads_it_and_a_second_submission_runs_nothing(slu
     assert latest(runs[1])["config"]["learning_rate"] == 0.0005
 
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks/report.py"), str(grid_dir), "--out",
-                             str(tmp_path / "report")], cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "report")], cwd=ROOT, env=slurm, capture_output=True, text=True,
+                            timeout=300)
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "report" / "results.csv").read_text()
     assert table.count("hopper-quickstart-medium-replay") == 2 and "Not averaged in" not in \
@@ -149,8 +151,9 @@ def test_grid_completes_report_reads_it_and_a_second_submission_runs_nothing(slu
     status = grid_main(slurm, "status", "--grid_dir", str(grid_dir))[1].splitlines()
     for label, run in zip(("quickstart ", "quickstart_half_lr "), runs):
         row = next(line for line in status if line.startswith(label)).split()
-        score = [r for r in rows(run) if "eval/500.0_normalized_score_mean" in r][-1]["eval/500.0_normalized_score_mean"]
-        assert row[1:7] == ["0", "done", "40/40", f"{score:.2f}", "500", row[6]] and row[6].startswith(f"{array}_")
+        key = "eval/500.0_normalized_score_mean"
+        score = [r[key] for r in rows(run) if key in r][-1]
+        assert row[1:6] == ["0", "done", "40/40", f"{score:.2f}", "500"] and row[6].startswith(f"{array}_")
     assert status[-1] == "2 runs: 2 done, 0 running, 0 pending, 0 stopped, 0 failed"
 
     before = {run: (run / "metrics.jsonl").read_bytes() for run in runs}
@@ -187,6 +190,8 @@ def interrupted(slurm, tmp_path_factory):
                                  env={**slurm, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, cwd=ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     submit(slurm, base / "grid", configs, LONG)
+    again = submit(slurm, base / "grid", configs, LONG)  # while they are queued or running
+    assert again.count("already queued as SLURM job") == 2 and "nothing to submit" in again
     jobs = json.loads((base / "grid" / "grid.json").read_text())["slurm"]
     jobs = {name: jobs[f"{name}-seed0"] for name in ("requeue", "timelimit")}
     runs = {name: base / "grid" / f"{name}-seed0" for name in jobs}
@@ -265,7 +270,8 @@ def test_a_config_error_fails_once_and_status_shows_its_error(slurm, tmp_path):
     assert "error: dataset has state/action sizes 11/3 but env Walker2d-v4 has 17/6" in row
 
 
-@pytest.mark.parametrize("case", ["no sbatch", "unknown partition", "time limit", "another grid", "bad time"])
+@pytest.mark.parametrize("case", ["no sbatch", "unknown partition", "time limit", "another grid", "bad time",
+                                  "sbatch refuses"])
 def test_bad_submissions_end_with_one_line_and_submit_nothing(case, slurm, tmp_path):
     grid_dir, extra, fields, env = tmp_path / "grid", [], SHORT, slurm
     if case == "no sbatch":
@@ -277,20 +283,49 @@ def test_bad_submissions_end_with_one_line_and_submit_nothing(case, slurm, tmp_p
         message = "error: partition 'gpu' does not exist here; sinfo lists: debug"
     elif case == "time limit":
         fields = {**SHORT, "update_steps": 10_000_000, "eval_every": 10_000_000}
-        message = "error: --time 10 cannot hold one evaluation interval of quickstart-seed0: eval_every 10000000 updates"
+        message = "error: --time 10 cannot hold one evaluation interval of quickstart-seed0: eval_every 10000000 " \
+                  "updates take"
     elif case == "another grid":
         grid_dir.mkdir()
         other = {"runs": {"quickstart-seed0": {"args": [f"--config_path={QUICKSTART}", "--train_seed=0"]}}}
         (grid_dir / "grid.json").write_text(json.dumps(other))
         message = f"error: {grid_dir} holds another grid (quickstart-seed0: made with --config_path={QUICKSTART} " \
                   "--train_seed=0); choose another --grid_dir"
-    else:
+    elif case == "bad time":
         extra = ["--time", "12h"]
         message = "error: --time 12h: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)"
-    jobs = slurm_run(slurm, "squeue", "-h", "-r", "--states=all", "-o", "%i")
+    else:  # more memory than the node has: only sbatch knows, after submitit wrote its files
+        extra = ["--mem", "100000G"]
+        message = "error: sbatch refused the job array: Memory specification can not be satisfied; Batch job " \
+                  "submission failed: Requested node configuration is not available"
+    jobs = slurm_run(slurm, "squeue", "-h", "-r", "-o", "%i")  # pending or running (a refused job is FAILED)
     before = sorted(p.name for p in grid_dir.rglob("*")) if grid_dir.exists() else None
     code, _, err = grid_main(env, *slurm_args(grid_dir, (QUICKSTART,), fields, *extra))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
     assert (sorted(p.name for p in grid_dir.rglob("*")) if grid_dir.exists() else None) == before
-    assert slurm_run(slurm, "squeue", "-h", "-r", "--states=all", "-o", "%i") == jobs
+    assert slurm_run(slurm, "squeue", "-h", "-r", "-o", "%i") == jobs
+
+
+@pytest.mark.parametrize("writes_checkpoints", [False, True])
+def test_the_time_limit_warning_requeues_a_run_only_while_it_checkpoints(writes_checkpoints, tmp_path):
+    """RunTask.checkpoint as submitit calls it on SLURM's warning (no SLURM needed): the process gets one SIGTERM
+    and the task is requeued with itself, but not after 3 attempts in a row that left latest.pt as it was."""
+    run_dir = tmp_path / "x-seed0"
+    script = f"open({str(run_dir / 'latest.pt')!r}, 'w').write('ckpt'); " * writes_checkpoints + \
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); time.sleep(60)"
+    task = grid.RunTask("x-seed0", [sys.executable, "-c", script], run_dir, run_dir / "latest.pt", {}, 10)
+    answers = []
+    for _ in range(4):
+        assert task.start()
+        time.sleep(1)  # the process has started and, if it does, written latest.pt
+        answers.append(task.checkpoint())
+        if answers[-1] is None:
+            break
+    log = (run_dir / "grid.log").read_text()
+    assert log.count("grid: stopped after") == len(answers) and all(a is None or a.function is task for a in answers)
+    if writes_checkpoints:
+        assert len(answers) == 4 and None not in answers and "not requeued" not in log
+    else:
+        assert len(answers) == 3 and answers[-1] is None and None not in answers[:2]
+        assert log.endswith("grid: FAILED, not requeued: 3 attempts in a row wrote no checkpoint; raise --time\n")

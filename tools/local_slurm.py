@@ -85,7 +85,8 @@ def start(folder: Path) -> Dict[str, str]:
     conf.write_text(slurm_conf(folder))
     env = {**os.environ, "SLURM_CONF": str(conf), "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
     commands = [["munged", "--force", f"--key-file={key}", f"--socket={folder}/munge.socket",
-                 f"--pid-file={folder}/munged.pid", f"--log-file={folder}/munged.log", f"--seed-file={folder}/munge.seed"],
+                 f"--pid-file={folder}/munged.pid", f"--log-file={folder}/munged.log",
+                 f"--seed-file={folder}/munge.seed"],
                 ["slurmctld", "-f", str(conf)], ["slurmd", "-f", str(conf)]]
     for command in commands:
         subprocess.run(command, env=env, check=True, capture_output=True, timeout=60)

@@ -513,16 +513,19 @@ def slurm_minutes(text: str) -> Optional[int]:
 
 def seconds_per_update(config: TrainConfig, threads: int, device: str) -> float:
     """dt.py's update of the config's model on a synthetic 17-dim-state dataset, timed here by
-    benchmarks/train_speed.py (2 warm-up updates, then 5)."""
+    benchmarks/train_speed.py: 1 update after a warm-up one, the mean of 4 more when that took under 0.1 s."""
     from train_speed import time_updates, write_synthetic_d4rl
 
     with tempfile.TemporaryDirectory() as folder:
-        write_synthetic_d4rl(Path(folder) / "data.hdf5", 20_000)
+        write_synthetic_d4rl(Path(folder) / "data.hdf5", 5_000)
         data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), config.reward_scale)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return float(time_updates(replace(config, compile=False), data, torch.device(device), 5, 2)[1].sum())
+        seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 1, 1)[1].sum())
+        if seconds < 0.1:
+            seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 4, 1)[1].sum())
+        return seconds
     finally:
         torch.set_num_threads(previous)
 
@@ -558,6 +561,7 @@ def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
         c = run.config
         shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.bf16)
         if shape not in measured:
+            print(f"  timing {run.label}'s update on this {device.upper()} for the --time check", flush=True)
             measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
         rate = 1 / measured[shape]
         if c.eval_every / rate > available:
@@ -645,7 +649,8 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
     print(f"submitted SLURM job array {array}: {len(jobs)} task(s)"
           f"{f', at most {args.max_running} at once' if args.max_running else ''}\n"
           f"  follow: python benchmarks/grid.py status --grid_dir {grid_dir}    (or squeue -r -j {array})\n"
-          f"  logs:   {grid_dir}/<run>/{LOG_NAME} (dt.py), {folder}/{array}_<task>_0_log.out (the task)\n"
+          f"  logs:   {grid_dir}/<run>/{LOG_NAME} (dt.py), {folder}/{array}{'_<task>' * (len(jobs) > 1)}_0_log.out "
+          "(the task)\n"
           f"  stop:   scancel {array}    (the runs checkpoint; the same command resubmits them)")
     return 0
 
@@ -702,13 +707,14 @@ def status(grid_dir: Path) -> int:
             state = "stopped" if last else "pending"
             note = ("the grid command resumes it" if "stopped" in last else "ended without an outcome line (killed)"
                     ) if last else "not queued: the grid command starts it"
-        note = f"SLURM {queued}; {note}" if queued and queued not in ACTIVE + ("COMPLETED",) else note
-        total = yaml.safe_load((run_dir / "config.yaml").read_text())["update_steps"] \
-            if (run_dir / "config.yaml").exists() else "?"
+        if queued and queued not in ACTIVE + ("COMPLETED",) and (queued, state) != ("FAILED", "failed"):
+            note = f"SLURM {queued}; {note}"  # TIMEOUT, CANCELLED, PREEMPTED, NODE_FAIL, OUT_OF_MEMORY, ...
+        step = f"{last_logged_step(run_dir)}/{yaml.safe_load((run_dir / 'config.yaml').read_text())['update_steps']}" \
+            if (run_dir / "config.yaml").exists() else "-"
         score = f"{result.curve[-1][1]:.2f}" if result is not None and result.curve else "-"
         target = f"{result.target:g}" if result is not None and result.target is not None else "-"
         config, _, seed = label.rpartition("-seed")
-        rows.append([config, seed, state, f"{last_logged_step(run_dir)}/{total}", score, target, job, note])
+        rows.append([config, seed, state, step, score, target, job, note])
     header = ["config", "seed", "state", "step", "last score", "target", "SLURM job", "note"]
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:

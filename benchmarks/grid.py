@@ -603,7 +603,7 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
     print(flush=True)
     other = [f"{label}: {detail}" for label, (state, detail) in states.items() if state == "conflict"] + \
         [f"{run.label}: made with {' '.join(plan[run.label].get('args', []))}" for run in runs
-         if run.label in plan and plan[run.label].get("args") != run.args]
+         if run.label in plan and plan[run.label].get("args") not in (None, run.args)]
     if other:
         raise UserError(f"{grid_dir} holds another grid ({other[0]}); choose another --grid_dir")
     queued = {label: job for label, (job, state, _) in queued_tasks(grid_dir).items() if state in ACTIVE}
@@ -669,6 +669,8 @@ def parse_sbatch_option(text: str) -> Tuple[str, object]:
 # ----------------------------------------------------------------------------------------------
 def folder_locked(run_dir: Path) -> bool:
     """Whether a process on this machine (a grid, dt.py) holds the run folder's lock: the run is going."""
+    if not (run_dir / LOCK_NAME).exists():
+        return False
     try:
         with open(run_dir / LOCK_NAME, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -1,7 +1,8 @@
 """benchmarks/grid.py --executor slurm on a real single-node SLURM (tools/local_slurm.py: munged, slurmctld and
-slurmd as root, started once for this file): a grid completes and the report reads it, a second submission runs
-nothing again, `scontrol requeue` and a time limit both end in the weights of an uninterrupted run, a config
-error fails once and shows in `status`, and bad input is refused before anything is submitted.
+slurmd as root, started once for this file): a grid completes and the report and `status` read it, submitting
+again runs nothing twice (finished or still queued), `scontrol requeue` and a time limit both end in the weights
+of an uninterrupted run, a config error fails once and shows in `status`, and bad input is refused before
+anything is submitted. Without SLURM: the time-limit warning's requeue stops once a run no longer checkpoints.
 
 Skipped when the SLURM binaries are absent (apt-get install -y slurm-wlm munge) or not root; in CI (CI=true)
 that is a failure instead. The runs are tiny DTs on configs/dt/quickstart.yaml's bundled dataset.

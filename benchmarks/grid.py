@@ -1,12 +1,15 @@
-"""Run a grid of DT runs (configs x seeds, with field overrides) on one machine, or write it as a wandb sweep.
+"""Run a grid of DT runs (configs x seeds, with field overrides) on this machine or as one SLURM job array, see
+where its runs stand, or write it as a wandb sweep.
 
-One machine, several runs at a time; each run gets the folder <grid_dir>/<config label>-seed<k>, so the
-same command skips finished runs and resumes unfinished ones (algorithms/dt.py --run_dir does both):
+Each run gets the folder <grid_dir>/<config label>-seed<k>, so the same command skips finished runs and resumes
+unfinished ones (algorithms/dt.py --run_dir does both):
 
     python benchmarks/grid.py run --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 \\
         --grid_dir runs/grid-hopper --parallel 2 [--set update_steps=50000 --set eval_episodes=10]
+    python benchmarks/grid.py run ... --executor slurm --time 12:00:00 [--partition gpu --gpus_per_task 1]
+    python benchmarks/grid.py status --grid_dir runs/grid-hopper
 
-Many machines: the same grid as a wandb sweep (method grid over config_path x train_seed):
+Many machines without SLURM: the same grid as a wandb sweep (method grid over config_path x train_seed):
 
     python benchmarks/grid.py sweep --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 --out sweeps/hopper.yaml
     wandb sweep sweeps/hopper.yaml          # prints the sweep id: <entity>/<project>/<id>
@@ -14,6 +17,7 @@ Many machines: the same grid as a wandb sweep (method grid over config_path x tr
 
 The config label is the config's path under configs/dt with '/' -> '-' (configs/dt/hopper/medium_v2.yaml ->
 hopper-medium_v2), or the file's stem for a config elsewhere. Then `python benchmarks/report.py <grid_dir>`.
+SLURM, preemption and sweeps on a cluster: docs/cluster.md.
 """
 import argparse
 import contextlib
@@ -22,13 +26,16 @@ import functools
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pyrallis
 import torch
@@ -36,7 +43,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "algorithms"))
-from dt import TrainConfig, UserError, checkpoint_dir, parse_config, validate_config  # noqa: E402
+from dt import (TrainConfig, UserError, checkpoint_dir, load_d4rl_hdf5, parse_config, prepare_data,  # noqa: E402
+                validate_config)
 from pyrallis.wrappers import docstring as pyrallis_docstring  # noqa: E402
 
 # pyrallis re-reads every field's help comment from dt.py's source at each parse (about 2 s a parse here);
@@ -53,6 +61,8 @@ RESOURCE_FIELDS = ("run_dir", "device", "eval_workers")
 LOG_NAME = "grid.log"
 LOCK_NAME = "grid.lock"
 PLAN_NAME = "grid.json"
+STOP_CODES = (0, 130, -signal.SIGTERM, -signal.SIGINT)  # dt.py stopped on a signal (it checkpoints first)
+STALLED_ATTEMPTS = 3  # SLURM attempts in a row without a new checkpoint before a task is no longer requeued
 
 
 @dataclass
@@ -173,9 +183,7 @@ def run_state(run: GridRun, grid_dir: Path) -> Tuple[str, str]:
 def last_logged_step(run_dir: Path) -> int:
     """The step of the last row of metrics.jsonl (0 before the first log)."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    for line in reversed(path.read_text().splitlines()):
+    for line in reversed(path.read_text().splitlines() if path.exists() else []):
         try:
             return int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):  # a row cut off by a crash
@@ -183,25 +191,189 @@ def last_logged_step(run_dir: Path) -> int:
     return 0
 
 
-def write_plan(runs: List[GridRun], grid_dir: Path) -> None:
-    """grid_dir/grid.json: every run this grid has been asked for (merged with earlier calls), so that
-    benchmarks/report.py can list the runs that never started."""
-    path = grid_dir / PLAN_NAME
-    planned = {}
-    if path.exists():
-        try:
-            planned = json.loads(path.read_text()).get("runs", {})
-        except (json.JSONDecodeError, AttributeError):
-            planned = {}
-    for run in runs:
-        planned[run.label] = {"config_path": run.config_path, "train_seed": run.seed, "args": run.args}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"runs": planned}, indent=1) + "\n")
-    os.replace(tmp, path)
+def last_error_line(log: Path) -> str:
+    """The line of the run's log that says what went wrong: its `error:` line, else its last line."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
+    return (errors or [line for line in lines if not line.startswith("=== ")] or [""])[-1][:300]
+
+
+def read_plan(grid_dir: Path) -> Dict:
+    """grid_dir/grid.json: {"runs": {label: {config_path, train_seed, args}}, "slurm": {label: job id}}."""
+    try:
+        plan = json.loads((grid_dir / PLAN_NAME).read_text())
+        return plan if isinstance(plan, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_plan(runs: List[GridRun], grid_dir: Path, jobs: Optional[Dict[str, str]] = None) -> None:
+    """Add the runs (and their SLURM job ids) to grid_dir/grid.json, the record of every run this grid was asked
+    for: benchmarks/report.py lists those that never started, `status` finds their SLURM tasks."""
+    plan = read_plan(grid_dir)
+    plan.setdefault("runs", {}).update({run.label: {"config_path": run.config_path, "train_seed": run.seed,
+                                                    "args": run.args} for run in runs})
+    plan.setdefault("slurm", {}).update(jobs or {})
+    tmp = grid_dir / (PLAN_NAME + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=1) + "\n")
+    os.replace(tmp, grid_dir / PLAN_NAME)
 
 
 # ----------------------------------------------------------------------------------------------
-# Resources: GPUs round robin, CPU cores split
+# One run: dt.py in its folder, on this machine or in a SLURM task
+# ----------------------------------------------------------------------------------------------
+class RunTask:
+    """dt.py for one run in its folder, holding the folder's lock (inherited by dt.py, so a second grid or a rerun
+    after a killed grid skips the run), its output appended to <folder>/grid.log between a start line and an
+    outcome line. The local grid starts and polls it; on SLURM each array task calls it, and submitit calls
+    checkpoint() on SLURM's time-limit warning. Standard library only: submitit pickles it by value, so a task
+    runs it without importing torch or this file."""
+
+    def __init__(self, label: str, command: List[str], run_dir: Path, latest: Path, env: Dict[str, str],
+                 update_steps: int):
+        self.label, self.command, self.env, self.update_steps = label, command, env, update_steps
+        self.run_dir, self.log, self.latest, self.cwd = str(run_dir), str(run_dir / LOG_NAME), str(latest), os.getcwd()
+        self.process = self.lock = self.checkpointed = None
+        self.started, self.signals_sent = 0.0, 0
+        self.stalled = 0  # SLURM attempts in a row that left latest.pt as it was
+
+    def note(self, text: str) -> None:
+        with open(self.log, "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} grid{text}\n")
+
+    def start(self, wait: float = 0) -> bool:
+        """Start dt.py; False when another process holds the folder's lock for `wait` seconds."""
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        self.lock, deadline = open(Path(self.run_dir) / LOCK_NAME, "w"), time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.lock.close()
+                    return False
+                time.sleep(5)
+            except OSError:  # a shared file system without flock (Lustre without -o flock): no lock
+                break
+        self.started, self.checkpointed = time.time(), self.latest_mtime()  # progress: latest.pt rewritten
+        job = "_".join(os.environ[k] for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ)
+        job = job or os.environ.get("SLURM_JOB_ID")  # submitit submits a lone task as a plain job
+        self.note(f"{f' (SLURM job {job})' if job else ''}: {' '.join(self.command)}")
+        with open(self.log, "a") as log:
+            # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once (dt.py takes a second
+            # one as "stop at once"); SIGUSR2 ignored: SLURM sends its time-limit warning to every process of the
+            # task, and checkpoint() answers it for dt.py; pass_fds: dt.py holds the lock too
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.cwd,
+                start_new_session=True, pass_fds=(self.lock.fileno(),),
+                preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        return True
+
+    def finish(self, code: int) -> str:
+        """Note how dt.py ended (exit code `code`) in grid.log and release the folder: 'finished in ...',
+        'stopped after ...' or 'FAILED after ...'."""
+        took = time.time() - self.started
+        took = f"{int(took // 60)}m{int(took % 60):02d}s" if took >= 60 else f"{took:.0f}s"
+        step = last_logged_step(Path(self.run_dir))
+        if code == 0 and step >= self.update_steps:
+            outcome = f"finished in {took}"
+        elif code in STOP_CODES:
+            outcome = f"stopped after {took} at step {step} (exit {code}); the same command resumes it"
+        else:
+            outcome = f"FAILED after {took}, exit {code}: {last_error_line(Path(self.log))} (log {self.log})"
+        self.note(f": {outcome}")
+        self.lock.close()
+        return outcome
+
+    def __call__(self) -> str:
+        """A SLURM task: run dt.py to its end; raising makes the task fail (SLURM does not requeue it)."""
+        if not self.start(wait=300):  # a node's crash leaves its lock on NFS until the lease ends
+            raise RuntimeError(f"{self.run_dir} is in use by another process (a run still going?)")
+        while self.process.poll() is None:  # not wait(): checkpoint() waits for dt.py from a signal handler
+            time.sleep(1)
+        outcome = self.finish(self.process.returncode)
+        print(f"{self.label}: {outcome}", flush=True)
+        if outcome.startswith("FAILED"):
+            raise RuntimeError(outcome)
+        return outcome
+
+    def checkpoint(self):
+        """submitit calls this on SLURM's time-limit warning (SIGUSR2): dt.py is asked to stop (one SIGTERM: it
+        finishes its update or evaluation, writes latest.pt and exits) and the task is requeued with this object,
+        unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
+        import submitit
+
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:  # the exit code without reaping it: the interrupted main loop may hold Popen's wait lock
+                info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            except ChildProcessError:  # reaped by the main loop just before the signal
+                code = self.process.returncode
+            outcome = self.finish(code)
+            self.stalled = 0 if self.latest_mtime() != self.checkpointed else self.stalled + 1
+            why = ("dt.py failed" if outcome.startswith("FAILED") else
+                   f"{self.stalled} attempts in a row wrote no checkpoint; raise --time"
+                   if self.stalled >= STALLED_ATTEMPTS else "")
+            if why:
+                self.note(f": FAILED, not requeued: {why}")
+            print(f"{self.label}: {outcome}; {'not requeued: ' + why if why else 'requeued'}", flush=True)
+            if why:
+                return None
+        self.process = self.lock = None  # neither is pickled for the requeued task
+        return submitit.helpers.DelayedSubmission(self)
+
+    def latest_mtime(self) -> Optional[float]:
+        return os.stat(self.latest).st_mtime if os.path.exists(self.latest) else None
+
+
+def make_task(run: GridRun, grid_dir: Path, env: Dict[str, str], extra: List[str]) -> RunTask:
+    run_dir = grid_dir / run.label
+    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args, *extra, f"--run_dir={run_dir}"]
+    return RunTask(run.label, command, run_dir, checkpoint_dir(run.config, run_dir) / "latest.pt",
+                   {**env, "PYTHONUNBUFFERED": "1"}, run.config.update_steps)
+
+
+def run_resources(slot: int, parallel: int, config: TrainConfig, gpus: List[str], cores: int,
+                  overrides: Dict[str, str]) -> Tuple[Dict[str, str], List[str], str]:
+    """(environment, extra dt.py arguments, description) for the run in worker slot `slot`."""
+    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    described = [f"{threads} thread{'s' if threads > 1 else ''}"]
+    if gpus and config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        described.append(f"GPU {env['CUDA_VISIBLE_DEVICES']}")
+    args = []
+    if "eval_workers" not in overrides:
+        # the run's share of what eval_workers -1 would take: one env worker per core it has
+        args.append(f"--eval_workers={threads}")
+        described.append(f"eval_workers {threads}")
+    return env, args, ", ".join(described)
+
+
+def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
+    """Each run's run_state, counted on a line (left open)."""
+    states = {run.label: run_state(run, grid_dir) for run in runs}
+    count = {state: sum(s == state for s, _ in states.values()) for state in ("done", "resume", "new", "conflict")}
+    print(f"grid {grid_dir}: {len(runs)} runs, {count['done']} finished (skipped), {count['resume']} to resume, "
+          f"{count['new']} to start, {count['conflict']} in conflict", end="", flush=True)
+    return states
+
+
+def prepare_grid_dir(runs: List[GridRun], grid_dir: Path) -> None:
+    try:
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        write_plan(runs, grid_dir)
+    except OSError as err:
+        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# This machine: `parallel` runs at a time, GPUs round robin, CPU cores split
 # ----------------------------------------------------------------------------------------------
 def visible_gpus() -> List[str]:
     """GPU ids runs may use: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
@@ -215,196 +387,343 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_resources(slot: int, parallel: int, config: TrainConfig, gpus: List[str], cores: int,
-                  overrides: Dict[str, str]) -> Tuple[Dict[str, str], List[str], str]:
-    """(environment, extra dt.py arguments, description) for the run in worker slot `slot`."""
-    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    described = [f"{threads} thread{'s' if threads > 1 else ''}"]
-    if gpus and config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
-        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        described.append(f"GPU {env['CUDA_VISIBLE_DEVICES']}")
-    args = []
-    if "eval_workers" not in overrides:
-        # the run's share of what eval_workers -1 would take: one env worker per core it has
-        args.append(f"--eval_workers={threads}")
-        described.append(f"eval_workers {threads}")
-    return env, args, ", ".join(described)
-
-
-# ----------------------------------------------------------------------------------------------
-# Running the grid
-# ----------------------------------------------------------------------------------------------
-def clock() -> str:
-    return time.strftime("%H:%M:%S")
-
-
-def duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def last_error_line(log: Path) -> str:
-    """The line of the run's log that says what went wrong: its `error:` line, else its last line."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
-    return (errors or lines or [""])[-1][:300]
-
-
-@dataclass
-class Running:
-    run: GridRun
-    process: subprocess.Popen
-    lock: IO  # the run folder's lock, released when the run has exited
-    started: float
-    signals_sent: int = 0
-
-
-def lock_run_folder(run_dir: Path) -> Optional[IO]:
-    """An exclusive lock on run_dir/grid.lock, or None while another process holds it."""
-    handle = open(run_dir / LOCK_NAME, "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
-def start_run(run: GridRun, grid_dir: Path, slot: int, parallel: int, gpus: List[str], cores: int,
-              overrides: Dict[str, str]) -> Optional[Tuple[subprocess.Popen, IO, str]]:
-    """Start dt.py for the run in its folder, output appended to its grid.log; returns (process, lock,
-    resources), or None when the folder is locked by a run still going (from another grid, or one killed)."""
-    run_dir = grid_dir / run.label
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_folder(run_dir)
-    if lock is None:
-        return None
-    env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
-    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args, *extra, f"--run_dir={run_dir}"]
-    with open(run_dir / LOG_NAME, "a") as log:
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} grid: {' '.join(command)}\n")
-        log.flush()
-        # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once
-        # (dt.py takes a second SIGINT as "stop at once, without a checkpoint");
-        # pass_fds: the run holds the folder's lock too, so it stays locked if this grid is killed
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                   start_new_session=True, pass_fds=(lock.fileno(),))
-    return process, lock, described
-
-
 def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: float, overrides: Dict[str, str],
              dry_run: bool = False) -> int:
     """Run every unfinished run, `parallel` at a time. Returns the exit code: 0 all finished, 1 a run failed,
     128 + signal when stopped by SIGINT/SIGTERM (forwarded to the runs, which checkpoint first)."""
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
-    states = {run.label: run_state(run, grid_dir) for run in runs}
+    states = triage(runs, grid_dir)
     pending = [run for run in runs if states[run.label][0] in ("new", "resume")]
-    done = [run.label for run in runs if states[run.label][0] == "done"]
-    failed = {run.label: f"not started: {states[run.label][1]}; use another --grid_dir or move "
-              f"{grid_dir / run.label} away" for run in runs if states[run.label][0] == "conflict"}
+    outcomes = {label: "finished" for label, (state, _) in states.items() if state == "done"}
+    outcomes.update({label: f"FAILED not started: {detail}; use another --grid_dir or move {grid_dir / label} away"
+                     for label, (state, detail) in states.items() if state == "conflict"})
     parallel = min(parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
     gpus, cores = visible_gpus(), cpu_cores()
-    count = {state: sum(s == state for s, _ in states.values()) for state in ("resume", "new")}
-    print(f"grid {grid_dir}: {len(runs)} runs, {len(done)} finished (skipped), {count['resume']} to resume, "
-          f"{count['new']} to start, {len(failed)} in conflict; {parallel} at a time on {len(gpus)} GPU(s) "
-          f"and {cores} CPU core(s)", flush=True)
-    for label, reason in failed.items():
-        print(f"  {label}: {reason}", flush=True)
+    print(f"; {parallel} at a time on {len(gpus)} GPU(s) and {cores} CPU core(s)", flush=True)
+    for label, outcome in outcomes.items():
+        if outcome.startswith("FAILED"):
+            print(f"  {label}: {outcome[7:]}", flush=True)
     if dry_run:
         for slot, run in enumerate(pending):
             env, extra, _ = run_resources(slot % parallel, parallel, run.config, gpus, cores, overrides)
-            env_text = " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
-            print(f"  [{states[run.label][0]}] {env_text} python {DT_SCRIPT} {' '.join(run.args + extra)} "
-                  f"--run_dir={grid_dir / run.label}")
-        return 1 if failed else 0
-    try:
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        write_plan(runs, grid_dir)
-    except OSError as err:
-        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
-
-    stop_signals: List[int] = []  # signals received; the main loop forwards each one once to every child
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
+            print(f"  [{states[run.label][0]}] {' '.join(f'{k}={v}' for k, v in env.items())} python {DT_SCRIPT} "
+                  f"{' '.join(run.args + extra)} --run_dir={grid_dir / run.label}")
+        return int(any(outcome.startswith("FAILED") for outcome in outcomes.values()))
+    prepare_grid_dir(runs, grid_dir)
+    signals: List[int] = []  # received; the main loop forwards each one once to every running run
+    previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    running: Dict[int, Running] = {}  # worker slot -> its run
-    stopped: List[str] = []
+    running: Dict[int, RunTask] = {}  # worker slot -> its run
     last_status, announced = time.monotonic(), 0
+
+    def counts() -> str:
+        failed = sum(outcome.startswith("FAILED") for outcome in outcomes.values())
+        return (f"[{sum(outcome.startswith('finished') for outcome in outcomes.values())} done, {len(running)} "
+                f"running, {failed} failed, {len(pending)} waiting]")
+
     try:
-        while (pending and not stop_signals) or running:
-            for slot in range(parallel):
-                if slot not in running and pending and not stop_signals:
-                    run = pending.pop(0)
-                    started = start_run(run, grid_dir, slot, parallel, gpus, cores, overrides)
-                    if started is None:
-                        reason = f"{grid_dir / run.label} is in use by another process (a run still going?)"
-                        failed[run.label] = f"not started: {reason}"
-                        print(f"[{clock()}] skipped {run.label}: {reason}", flush=True)
-                        continue
-                    process, lock, described = started
-                    running[slot] = Running(run, process, lock, time.monotonic())
-                    verb = "resuming" if states[run.label][0] == "resume" else "starting"
-                    print(f"[{clock()}] {verb} {run.label} ({described}; log {grid_dir / run.label / LOG_NAME})",
-                          flush=True)
-            for job in running.values():
-                while job.signals_sent < len(stop_signals):
-                    try:
-                        job.process.send_signal(stop_signals[job.signals_sent])
-                    except ProcessLookupError:  # it has just exited
-                        pass
-                    job.signals_sent += 1
-            if len(stop_signals) > announced:
-                announced = len(stop_signals)
-                name = signal.Signals(stop_signals[-1]).name
-                what = "checkpoint and stop" if announced == 1 else "stop at once"
-                print(f"[{clock()}] {name}: asked {len(running)} run(s) to {what}; waiting for them"
-                      + (" (send again to stop them at once)" if announced == 1 else ""), flush=True)
-            time.sleep(0.2)
-            for slot, job in list(running.items()):
-                code = job.process.poll()
-                if code is None:
+        while (pending and not signals) or running:
+            for slot in sorted(set(range(parallel)) - set(running)):
+                if not pending or signals:
+                    break
+                run = pending.pop(0)
+                env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
+                task = make_task(run, grid_dir, env, extra)
+                if not task.start():
+                    reason = f"{task.run_dir} is in use by another process (a run still going?)"
+                    outcomes[run.label] = f"FAILED not started: {reason}"
+                    print(f"[{time.strftime('%H:%M:%S')}] skipped {run.label}: {reason}", flush=True)
                     continue
-                del running[slot]
-                job.lock.close()
-                label, run_dir = job.run.label, grid_dir / job.run.label
-                took = duration(time.monotonic() - job.started)
-                if code == 0 and run_state(job.run, grid_dir)[0] == "done":
-                    done.append(label)
-                    outcome = f"finished {label} in {took}"
-                elif code == 130 or (code == 0 and stop_signals):  # dt.py checkpointed and stopped on a signal
-                    stopped.append(label)
-                    outcome = (f"stopped {label} after {took} at step {last_logged_step(run_dir)} (exit {code}); "
-                               "the same command resumes it")
-                else:
-                    failed[label] = f"exit {code}: {last_error_line(run_dir / LOG_NAME)} (log {run_dir / LOG_NAME})"
-                    outcome = f"FAILED {label} after {took}, {failed[label]}"
-                print(f"[{clock()}] {outcome}  [{len(done)} done, {len(running)} running, {len(failed)} failed, "
-                      f"{len(pending)} waiting]", flush=True)
+                running[slot] = task
+                print(f"[{time.strftime('%H:%M:%S')}] {'resuming' if states[run.label][0] == 'resume' else 'starting'} "
+                      f"{run.label} ({described}; log {task.log})", flush=True)
+            for task in running.values():
+                for sig in signals[task.signals_sent:]:
+                    with contextlib.suppress(ProcessLookupError):  # it has just exited
+                        task.process.send_signal(sig)
+                task.signals_sent = len(signals)
+            if len(signals) > announced:
+                announced = len(signals)
+                print(f"[{time.strftime('%H:%M:%S')}] {signal.Signals(signals[-1]).name}: asked {len(running)} run(s) "
+                      "to " + ("checkpoint and stop; waiting for them (send again to stop them at once)"
+                               if announced == 1 else "stop at once"), flush=True)
+            time.sleep(0.2)
+            for slot, task in list(running.items()):
+                if task.process.poll() is not None:
+                    del running[slot]
+                    outcomes[task.label] = outcome = task.finish(task.process.returncode)
+                    verb, _, rest = outcome.partition(" ")
+                    print(f"[{time.strftime('%H:%M:%S')}] {verb} {task.label} {rest}  {counts()}", flush=True)
             if running and time.monotonic() - last_status >= status_every:
                 last_status = time.monotonic()
-                progress = ", ".join(f"{j.run.label} step {last_logged_step(grid_dir / j.run.label)}/"
-                                     f"{j.run.config.update_steps}" for j in running.values())
-                print(f"[{clock()}] running: {progress}  [{len(done)} done, {len(failed)} failed, "
-                      f"{len(pending)} waiting]", flush=True)
+                progress = ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/{task.update_steps}"
+                                     for task in running.values())
+                print(f"[{time.strftime('%H:%M:%S')}] running: {progress}  {counts()}", flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+    failed = {label: outcome[7:] for label, outcome in outcomes.items() if outcome.startswith("FAILED")}
+    stopped = [label for label, outcome in outcomes.items() if outcome.startswith("stopped")]
     not_started = [run.label for run in pending]
-    print(f"grid {grid_dir}: {len(done)} of {len(runs)} runs finished, {len(failed)} failed, "
-          f"{len(stopped) + len(not_started)} not finished", flush=True)
+    print(f"grid {grid_dir}: {len(runs) - len(failed) - len(stopped) - len(not_started)} of {len(runs)} runs "
+          f"finished, {len(failed)} failed, {len(stopped) + len(not_started)} not finished", flush=True)
     for label, reason in failed.items():
         print(f"  FAILED {label}: {reason}", flush=True)
     if stopped or not_started:
         print(f"  stopped: {', '.join(stopped) or '-'}; not started: {', '.join(not_started) or '-'}; "
               "the same command continues them", flush=True)
-    if stop_signals:
-        return 128 + stop_signals[0]  # 130 for Ctrl+C, as dt.py
+    if signals:
+        return 128 + signals[0]  # 130 for Ctrl+C, as dt.py
     return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# SLURM: one job array through submitit, one task per run
+# ----------------------------------------------------------------------------------------------
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+          "SIGNALING", "STAGE_OUT", "RESIZING")  # SLURM job states of a task not over yet
+
+
+def slurm(*args: str) -> str:
+    """A SLURM command's output; its error as a UserError."""
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UserError(f"`{' '.join(args)}` did not answer ({err}); is SLURM's controller up?") from None
+    if result.returncode:
+        raise UserError(f"`{' '.join(args)}` failed: {(result.stderr or result.stdout).strip().splitlines()[-1]}")
+    return result.stdout
+
+
+def slurm_minutes(text: str) -> Optional[int]:
+    """A SLURM time (minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]) in minutes,
+    rounded up as SLURM does; None for infinite."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if text.strip().lower() in ("infinite", "unlimited"):
+        return None
+    if not match:
+        raise UserError(f"--time {text}: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)")
+    days, a, b, c = (int(x or 0) for x in match.groups())
+    seconds = (((days * 24 + a) * 60 + b) * 60 + c if match.group(1) else  # days-hours[:minutes[:seconds]]
+               (a * 60 + b) * 60 + c if match.group(4) else a * 60 + b)  # hours:minutes:seconds, minutes[:seconds]
+    return -(-seconds // 60)
+
+
+def seconds_per_update(config: TrainConfig, threads: int, device: str) -> float:
+    """dt.py's update of the config's model on a synthetic 17-dim-state dataset, timed here by
+    benchmarks/train_speed.py: 1 update after a warm-up one, the mean of 4 more when that took under 0.1 s."""
+    from train_speed import time_updates, write_synthetic_d4rl
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_synthetic_d4rl(Path(folder) / "data.hdf5", 5_000)
+        data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), config.reward_scale)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 1, 1)[1].sum())
+        if seconds < 0.1:
+            seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 4, 1)[1].sum())
+        return seconds
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
+    """SLURM answers, the partition exists, and the time limit fits it and holds one evaluation interval of every
+    run (eval_every updates at the rate measured here, see seconds_per_update); returns the limit in minutes."""
+    missing = [name for name in ("sbatch", "squeue", "srun", "sinfo") if shutil.which(name) is None]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not on PATH: --executor slurm submits from a machine with SLURM's "
+                        "commands (a cluster's login node; for a test cluster: apt-get install -y slurm-wlm munge)")
+    if args.time is None:
+        raise UserError("--executor slurm needs --time, each task's time limit (e.g. 12:00:00); a run that needs "
+                        "longer is requeued from its checkpoint")
+    minutes = slurm_minutes(args.time)
+    available = (minutes or 0) * 60 - args.signal_delay
+    if available <= 0:
+        raise UserError(f"--time {args.time} must be longer than --signal_delay ({args.signal_delay} s)")
+    partitions = dict(line.split() for line in slurm("sinfo", "-h", "-o", "%P %l").splitlines() if line.strip())
+    partition = args.partition or next((name for name in partitions if name.endswith("*")), None)  # * the default
+    if args.partition is not None and args.partition not in partitions:
+        raise UserError(f"partition '{args.partition}' does not exist here; sinfo lists: "
+                        f"{', '.join(name.rstrip('*') for name in partitions)}")
+    limit = slurm_minutes(partitions[partition]) if partition else None
+    if limit is not None and minutes > limit:
+        raise UserError(f"--time {args.time} is over partition {partition.rstrip('*')}'s limit {partitions[partition]}")
+    device = "cuda" if args.gpus_per_task else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("  --time is not checked against the evaluation interval: no GPU here to time an update on")
+        return minutes
+    measured = {}
+    for run in runs:
+        c = run.config
+        shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.bf16)
+        if shape not in measured:
+            print(f"  timing {run.label}'s update on this {device.upper()} for the --time check", flush=True)
+            measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
+        rate = 1 / measured[shape]
+        if c.eval_every / rate > available:
+            raise UserError(
+                f"--time {args.time} cannot hold one evaluation interval of {run.label}: eval_every {c.eval_every} "
+                f"updates take {c.eval_every / rate / 60:.0f} min at the {rate:.1f} updates/s this model trains at on "
+                f"this machine's {device.upper()} with {args.cpus_per_task} thread(s), and --signal_delay keeps "
+                f"{args.signal_delay} s for the checkpoint; raise --time or lower eval_every")
+    return minutes
+
+
+def queued_tasks(grid_dir: Path) -> Dict[str, Tuple[str, str, str]]:
+    """label -> (job id, SLURM state, reason) of the grid's tasks SLURM still knows: squeue, and sacct where the
+    cluster keeps accounting (squeue forgets a finished job after MinJobAge, 300 s by default)."""
+    jobs, known = read_plan(grid_dir).get("slurm", {}), {}
+    if not jobs or shutil.which("squeue") is None:
+        return {}
+    with contextlib.suppress(UserError):
+        for line in slurm("squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r").splitlines():
+            job, state, reason = line.split("|")
+            known[job] = (state, "" if reason == "None" else reason)
+    missing = ",".join(sorted({job.split("_")[0] for job in jobs.values() if job not in known}))
+    if missing and shutil.which("sacct"):
+        with contextlib.suppress(UserError):  # without accounting sacct fails: squeue is all there is
+            for line in slurm("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", missing).splitlines():
+                known.setdefault(line.split("|")[0], (line.split("|")[1].split()[0], ""))
+    return {label: (job, *known[job]) for label, job in jobs.items() if job in known}
+
+
+def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, overrides: Dict[str, str]) -> int:
+    """Submit every unfinished run not queued already, as one job array; print how to follow it."""
+    try:
+        import cloudpickle
+        import submitit
+    except ImportError as err:
+        raise UserError(f"--executor slurm needs {err.name}: pip install -r requirements-dev.txt") from None
+    sbatch = dict(parse_sbatch_option(option) for option in args.sbatch)
+    states, plan = triage(runs, grid_dir), read_plan(grid_dir).get("runs", {})
+    print(flush=True)
+    other = [f"{label}: {detail}" for label, (state, detail) in states.items() if state == "conflict"] + \
+        [f"{run.label}: made with {' '.join(plan[run.label].get('args', []))}" for run in runs
+         if run.label in plan and plan[run.label].get("args") not in (None, run.args)]
+    if other:
+        raise UserError(f"{grid_dir} holds another grid ({other[0]}); choose another --grid_dir")
+    queued = {label: job for label, (job, state, _) in queued_tasks(grid_dir).items() if state in ACTIVE}
+    for label, job in queued.items():
+        print(f"  {label}: already queued as SLURM job {job}, not submitted again")
+    todo = [run for run in runs if states[run.label][0] != "done" and run.label not in queued]
+    minutes = check_slurm(todo, args)
+    tasks = [make_task(run, grid_dir, *run_resources(0, 1, run.config, [], args.cpus_per_task, overrides)[:2])
+             for run in todo]  # SLURM gives each task its GPUs (CUDA_VISIBLE_DEVICES)
+    if not tasks or args.dry_run:
+        for task in tasks:
+            print(f"  {' '.join(f'{k}={v}' for k, v in task.env.items())} {' '.join(task.command)}")
+        print("nothing to submit" if not tasks else "dry run: nothing submitted")
+        return 0
+    if __name__ != "__main__":  # imported (tests): RunTask is still pickled by value, tasks do not import this file
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    folder = grid_dir / "slurm"
+    created = [path for path in (grid_dir, folder) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
+    before = set(folder.iterdir())
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10_000)  # RunTask limits the requeues
+    executor.update_parameters(
+        job_name=f"dt-{grid_dir.name}", partition=args.partition, time=minutes, cpus_per_task=args.cpus_per_task,
+        gres=f"gpu:{args.gpus_per_task}" if args.gpus_per_task else None, mem=args.mem, setup=args.setup,
+        array_parallelism=args.max_running or len(tasks), signal_delay_s=args.signal_delay, stderr_to_stdout=True,
+        additional_parameters={"requeue": True, **sbatch})
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # submitit prints sbatch's errors too
+            jobs = [executor.submit(task) for task in tasks]
+    except Exception as err:  # sbatch refused it: nothing of this submission is left behind
+        for path in set(folder.iterdir()) - before:
+            path.unlink()
+        for path in reversed(created):
+            shutil.rmtree(path, ignore_errors=True)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        errors = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line] or lines[-1:]
+        raise UserError(f"sbatch refused the job array: {'; '.join(dict.fromkeys(errors))}") from None
+    array = jobs[0].job_id.split("_")[0]
+    write_plan(runs, grid_dir, {task.label: job.job_id for task, job in zip(tasks, jobs)})  # after: no half plan
+    print(f"submitted SLURM job array {array}: {len(jobs)} task(s)"
+          f"{f', at most {args.max_running} at once' if args.max_running else ''}\n"
+          f"  follow: python benchmarks/grid.py status --grid_dir {grid_dir}    (or squeue -r -j {array})\n"
+          f"  logs:   {grid_dir}/<run>/{LOG_NAME} (dt.py), {folder}/{array}{'_<task>' * (len(jobs) > 1)}_0_log.out "
+          "(the task)\n"
+          f"  stop:   scancel {array}    (the runs checkpoint; the same command resubmits them)")
+    return 0
+
+
+def parse_sbatch_option(text: str) -> Tuple[str, object]:
+    """--sbatch account=abc / --sbatch exclusive -> ("account", "abc") / ("exclusive", True)."""
+    key, sep, value = text.strip().lstrip("-").partition("=")
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+        raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. --sbatch "
+                        f"account=abc --sbatch exclusive), got '{text}'")
+    return key, value if sep else True
+
+
+# ----------------------------------------------------------------------------------------------
+# Status: every run of a grid, from its folder and SLURM
+# ----------------------------------------------------------------------------------------------
+def folder_locked(run_dir: Path) -> bool:
+    """Whether a process on this machine (a grid, dt.py) holds the run folder's lock: the run is going."""
+    if not (run_dir / LOCK_NAME).exists():
+        return False
+    try:
+        with open(run_dir / LOCK_NAME, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def status(grid_dir: Path) -> int:
+    """One row per run: config, seed, state, step reached, last score at the highest target, SLURM job, note."""
+    from report import read_run  # the report's reading of a run folder: both agree on what finished
+
+    plan = read_plan(grid_dir)
+    labels = sorted(set(plan.get("runs", {})) | {p.parent.name for name in (LOG_NAME, "config.yaml")
+                                                  for p in grid_dir.glob(f"*/{name}")})
+    if not labels:
+        raise UserError(f"{grid_dir} holds no grid (no {PLAN_NAME}, no run folders); give a grid's --grid_dir")
+    queue, rows = queued_tasks(grid_dir), []
+    for label in labels:
+        run_dir, log = grid_dir / label, grid_dir / label / LOG_NAME
+        result = read_run(run_dir) if run_dir.is_dir() else None
+        job, queued, reason = queue.get(label, (plan.get("slurm", {}).get(label, "-"), "", ""))
+        last = ([line for line in log.read_text(errors="replace").splitlines() if line.startswith("=== ")] or [""]
+                )[-1].partition(" grid")[2] if log.exists() else ""
+        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or (run_dir.is_dir() and folder_locked(run_dir)):
+            state, note = "running", ""
+        elif queued in ACTIVE:
+            state, note = "pending", f"{queued.lower()}{f' ({reason})' if reason else ''}"
+        elif result is not None and result.status == "finished":
+            state, note = "done", ""
+        elif ": FAILED" in last:
+            state, note = "failed", last.partition(": ")[2]
+        else:
+            state = "stopped" if last else "pending"
+            note = ("the grid command resumes it" if "stopped" in last else "ended without an outcome line (killed)"
+                    ) if last else "not queued: the grid command starts it"
+        if queued and queued not in ACTIVE + ("COMPLETED",) and (queued, state) != ("FAILED", "failed"):
+            note = f"SLURM {queued}; {note}"  # TIMEOUT, CANCELLED, PREEMPTED, NODE_FAIL, OUT_OF_MEMORY, ...
+        step = f"{last_logged_step(run_dir)}/{yaml.safe_load((run_dir / 'config.yaml').read_text())['update_steps']}" \
+            if (run_dir / "config.yaml").exists() else "-"
+        score = f"{result.curve[-1][1]:.2f}" if result is not None and result.curve else "-"
+        target = f"{result.target:g}" if result is not None and result.target is not None else "-"
+        config, _, seed = label.rpartition("-seed")
+        rows.append([config, seed, state, step, score, target, job, note])
+    header = ["config", "seed", "state", "step", "last score", "target", "SLURM job", "note"]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"{len(rows)} runs: " + ", ".join(f"{sum(row[2] == state for row in rows)} {state}"
+                                            for state in ("done", "running", "pending", "stopped", "failed")))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,30 +770,52 @@ def write_sweep(spec: Dict, out: Path, command_line: str) -> None:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "run the grid on this machine"), ("sweep", "write the grid as a wandb sweep YAML")):
+    commands.add_parser("status", help="where every run of a grid stands").add_argument("--grid_dir", required=True)
+    for name, help_text in (("run", "run the grid on this machine or submit it to SLURM"),
+                            ("sweep", "write the grid as a wandb sweep YAML")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--configs", nargs="+", required=True, help="config YAML files")
         sub.add_argument("--seeds", nargs="+", type=int, required=True, help="train_seed values")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="a TrainConfig field for every run, as on dt.py's command line (repeatable)")
-        if name == "run":
-            sub.add_argument("--grid_dir", required=True, help="folder of the run folders <config label>-seed<k>")
-            sub.add_argument("--parallel", type=int, default=1, help="runs at a time (cores split between them)")
-            sub.add_argument("--status_every", type=float, default=60.0, help="seconds between progress lines")
-            sub.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
-        else:
+        if name == "sweep":
             sub.add_argument("--out", required=True, help="sweep YAML to write")
             sub.add_argument("--runs_dir", help="runs_dir of the sweep's runs on each machine "
                              "(default runs/<out stem>)")
             sub.add_argument("--project", help="wandb project (default: the configs' project field)")
+            continue
+        sub.add_argument("--grid_dir", required=True, help="folder of the run folders <config label>-seed<k>")
+        sub.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
+        sub.add_argument("--executor", choices=("local", "slurm"), default="local",
+                         help="local: this machine; slurm: one SLURM job array, one task per run")
+        sub.add_argument("--parallel", type=int, default=1, help="local: runs at a time (cores split between them)")
+        sub.add_argument("--status_every", type=float, default=60.0, help="local: seconds between progress lines")
+        slurm = sub.add_argument_group("slurm (docs/cluster.md)")
+        slurm.add_argument("--time", help="each task's time limit, minutes or [days-]hours:minutes:seconds")
+        slurm.add_argument("--partition", help="default: the cluster's default partition")
+        slurm.add_argument("--gpus_per_task", type=int, default=0, help="GPUs per task (--gres=gpu:N)")
+        slurm.add_argument("--cpus_per_task", type=int, default=1,
+                           help="CPUs per task: dt.py's threads and eval_workers (unless --set eval_workers)")
+        slurm.add_argument("--mem", help="memory per task, e.g. 16G (default: the partition's)")
+        slurm.add_argument("--max_running", type=int, help="tasks running at once (the array's %%N)")
+        slurm.add_argument("--signal_delay", type=int, default=300,
+                           help="seconds before the time limit at which a run checkpoints and is requeued")
+        slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
+                           help="any other sbatch option, without dashes (account=abc, qos=high; repeatable)")
+        slurm.add_argument("--setup", action="append", default=[], metavar="COMMAND",
+                           help="shell line run before each task (module load ..., conda activate ...; repeatable)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     try:
+        if args.command == "status":
+            sys.exit(status(Path(args.grid_dir)))
         overrides = parse_overrides(args.set)
         runs = plan_grid(args.configs, args.seeds, overrides)
+        if args.command == "run" and args.executor == "slurm":
+            sys.exit(submit_slurm(runs, Path(args.grid_dir), args, dict(overrides)))
         if args.command == "run":
             sys.exit(run_grid(runs, Path(args.grid_dir), args.parallel, args.status_every, dict(overrides),
                               args.dry_run))

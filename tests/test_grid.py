@@ -1,4 +1,5 @@
-"""benchmarks/grid.py: tiny real grids in parallel, skip and resume, Ctrl+C forwarding, and the wandb sweep YAML."""
+"""benchmarks/grid.py: tiny real grids in parallel, skip and resume, Ctrl+C forwarding (and `status` of the run
+before and after it), and the wandb sweep YAML. The SLURM executor: tests/test_slurm.py."""
 import itertools
 import json
 import os
@@ -97,7 +98,19 @@ def test_grid_runs_in_parallel_then_skips_finished_and_resumes_unfinished(grid_e
     assert sorted(plan) == labels and plan["b-seed1"]["args"][:2] == ["--config_path=b.yaml", "--train_seed=1"]
 
 
-def test_ctrl_c_is_forwarded_once_and_runs_checkpoint(grid_env, tmp_path):
+def grid_status(grid_dir: Path, monkeypatch, capsys):
+    """`grid.py status` of a one-run grid: (its row split in cells, the summary line)."""
+    monkeypatch.setenv("PATH", "")  # no squeue: the run folder alone tells
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_code:
+        grid.main(["status", "--grid_dir", str(grid_dir)])
+    lines = capsys.readouterr().out.splitlines()
+    assert exit_code.value.code == 0
+    monkeypatch.undo()
+    return lines[1].split(), lines[-1]
+
+
+def test_ctrl_c_is_forwarded_once_and_runs_checkpoint(grid_env, tmp_path, monkeypatch, capsys):
     config = write_config(tmp_path / "slow.yaml", update_steps=100000, eval_every=100000, log_every=10)
     process = subprocess.Popen(grid_command("run", "--configs", config, "--seeds", "0", "--grid_dir", "grid",
                                             "--set", "eval_workers=0"),
@@ -106,12 +119,15 @@ def test_ctrl_c_is_forwarded_once_and_runs_checkpoint(grid_env, tmp_path):
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:  # training has begun
         time.sleep(0.2)
+    assert grid_status(tmp_path / "grid", monkeypatch, capsys)[0][:3] == ["slow", "0", "running"]  # its lock is held
     process.send_signal(signal.SIGINT)
     try:
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 130, stdout + stderr
+    row, summary = grid_status(tmp_path / "grid", monkeypatch, capsys)
+    assert row[:3] == ["slow", "0", "stopped"] and summary == "1 runs: 0 done, 0 running, 0 pending, 1 stopped, 0 failed"
     assert "stopped slow-seed0" in stdout and "(exit 130)" in stdout
     log = (tmp_path / "grid" / "slow-seed0" / "grid.log").read_text()
     assert "stopped at step" in log  # one SIGINT: dt.py checkpointed (a second would have stopped it at once)

@@ -42,8 +42,8 @@ def slurm(tmp_path_factory):
     """The environment of a running single-node cluster (SLURM_CONF), stopped after the session."""
     missing = local_slurm.missing_binaries()
     if missing or os.geteuid() != 0:
-        why = f"needs root and {', '.join(missing)}" if missing else "needs root (slurmd runs as root)"
-        message = f"a real SLURM {why}: {local_slurm.INSTALL}"
+        why = f"{', '.join(missing)} not found" if missing else "not root (slurmd runs as root)"
+        message = f"needs a real SLURM, run as root: {why}; install it with {local_slurm.INSTALL}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

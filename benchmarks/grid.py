@@ -543,15 +543,17 @@ def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
     minutes = slurm_minutes(args.time)
     available = (minutes or 0) * 60 - args.signal_delay
     if available <= 0:
-        raise UserError(f"--time {args.time} must be longer than --signal_delay ({args.signal_delay} s)")
-    partitions = dict(line.split() for line in slurm("sinfo", "-h", "-o", "%P %l").splitlines() if line.strip())
-    partition = args.partition or next((name for name in partitions if name.endswith("*")), None)  # * the default
-    if args.partition is not None and args.partition not in partitions:
-        raise UserError(f"partition '{args.partition}' does not exist here; sinfo lists: "
-                        f"{', '.join(name.rstrip('*') for name in partitions)}")
-    limit = slurm_minutes(partitions[partition]) if partition else None
-    if limit is not None and minutes > limit:
-        raise UserError(f"--time {args.time} is over partition {partition.rstrip('*')}'s limit {partitions[partition]}")
+        raise UserError(f"--time {args.time} must be a finite limit longer than --signal_delay ({args.signal_delay} s)")
+    limits = dict(line.split() for line in slurm("sinfo", "-h", "-o", "%P %l").splitlines() if line.strip())
+    chosen = args.partition.split(",") if args.partition else [name for name in limits if name.endswith("*")]
+    unknown = [name for name in chosen if name not in limits]  # sinfo marks the default partition with *
+    if unknown:
+        raise UserError(f"partition '{unknown[0]}' does not exist here; sinfo lists: "
+                        f"{', '.join(name.rstrip('*') for name in limits)}")
+    longest = [slurm_minutes(limits[name]) for name in chosen]
+    if chosen and None not in longest and minutes > max(longest):
+        raise UserError(f"--time {args.time} is over the time limit of partition {chosen[0].rstrip('*')}: "
+                        f"{max(limits[name] for name in chosen)}")
     device = "cuda" if args.gpus_per_task else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         print("  --time is not checked against the evaluation interval: no GPU here to time an update on")
@@ -563,13 +565,13 @@ def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
         if shape not in measured:
             print(f"  timing {run.label}'s update on this {device.upper()} for the --time check", flush=True)
             measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
-        rate = 1 / measured[shape]
-        if c.eval_every / rate > available:
+        rate, interval = 1 / measured[shape], min(c.eval_every, c.update_steps)
+        if interval / rate > available:
             raise UserError(
-                f"--time {args.time} cannot hold one evaluation interval of {run.label}: eval_every {c.eval_every} "
-                f"updates take {c.eval_every / rate / 60:.0f} min at the {rate:.1f} updates/s this model trains at on "
-                f"this machine's {device.upper()} with {args.cpus_per_task} thread(s), and --signal_delay keeps "
-                f"{args.signal_delay} s for the checkpoint; raise --time or lower eval_every")
+                f"--time {args.time} cannot hold one evaluation interval of {run.label}: {interval} updates take "
+                f"{interval / rate / 60:.0f} min at the {rate:.1f} updates/s this model trains at on this machine's "
+                f"{device.upper()} with {args.cpus_per_task} thread(s), and --signal_delay keeps {args.signal_delay} s "
+                "for the checkpoint; raise --time or lower eval_every")
     return minutes
 
 

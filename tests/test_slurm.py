@@ -42,8 +42,8 @@ def slurm(tmp_path_factory):
     """The environment of a running single-node cluster (SLURM_CONF), stopped after the session."""
     missing = local_slurm.missing_binaries()
     if missing or os.geteuid() != 0:
-        why = f"needs root and {', '.join(missing)}" if missing else "needs root (slurmd runs as root)"
-        message = f"a real SLURM {why}: {local_slurm.INSTALL}"
+        why = f"{', '.join(missing)} not found" if missing else "not root (slurmd runs as root)"
+        message = f"needs a real SLURM, run as root: {why}; install it with {local_slurm.INSTALL}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -284,8 +284,7 @@ def test_bad_submissions_end_with_one_line_and_submit_nothing(case, slurm, tmp_p
         message = "error: partition 'gpu' does not exist here; sinfo lists: debug"
     elif case == "time limit":
         fields = {**SHORT, "update_steps": 10_000_000, "eval_every": 10_000_000}
-        message = "error: --time 10 cannot hold one evaluation interval of quickstart-seed0: eval_every 10000000 " \
-                  "updates take"
+        message = "error: --time 10 cannot hold one evaluation interval of quickstart-seed0: 10000000 updates take"
     elif case == "another grid":
         grid_dir.mkdir()
         other = {"runs": {"quickstart-seed0": {"args": [f"--config_path={QUICKSTART}", "--train_seed=0"]}}}
@@ -330,3 +329,9 @@ def test_the_time_limit_warning_requeues_a_run_only_while_it_checkpoints(writes_
     else:
         assert len(answers) == 3 and answers[-1] is None and None not in answers[:2]
         assert log.endswith("grid: FAILED, not requeued: 3 attempts in a row wrote no checkpoint; raise --time\n")
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("90:30", 91), ("2:00:00", 120), ("1-12", 2160),
+                                           ("1-12:30", 2190), ("1-00:00:01", 1441), ("infinite", None)])
+def test_slurm_times_read_as_sbatch_reads_them(text, minutes):
+    assert grid.slurm_minutes(text) == minutes  # whole minutes, rounded up; sinfo's "infinite" has no limit

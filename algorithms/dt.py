@@ -46,9 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
+# --- Config -----------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
     """Every field of the CORL baseline (same names and defaults, device 'auto'), then this project's own."""
@@ -228,9 +226,7 @@ def set_seed(seed: int, deterministic_torch: bool = False) -> None:
     torch.use_deterministic_algorithms(deterministic_torch)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: D4RL names and files
-# ----------------------------------------------------------------------------------------------
+# --- Data: D4RL names and files ---------------------------------------------------------------
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
 D4RL_KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
 # gymnasium -v4 envs are the maintained equivalents of the gym -v3 envs the -v2 data was collected on
@@ -467,9 +463,7 @@ def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
     return checked_transitions({**flat, "terminals": terminals, "timeouts": timeouts}, source)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: Minari datasets
-# ----------------------------------------------------------------------------------------------
+# --- Data: Minari datasets --------------------------------------------------------------------
 def obs_keys(keys: Any) -> List[str]:
     """Flattening order of dict observations: observation, achieved_goal, desired_goal, then other keys sorted."""
     return [k for k in OBS_KEY_ORDER if k in keys] + sorted(k for k in keys if k not in OBS_KEY_ORDER)
@@ -547,9 +541,7 @@ def load_dataset(config: TrainConfig, source: DatasetSource) -> Tuple[DatasetSou
     return source, load_d4rl_hdf5(source.path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: trajectories, returns-to-go, normalisation
-# ----------------------------------------------------------------------------------------------
+# --- Data: trajectories, returns-to-go, normalisation -----------------------------------------
 def cut_trajectories(terminals: np.ndarray, timeouts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Start index and length of every trajectory; a trajectory ends at each terminal or timeout."""
     ends = np.flatnonzero(terminals | timeouts) + 1  # exclusive end of each flagged trajectory
@@ -651,9 +643,7 @@ class WindowSampler:
         return states, actions, returns, timesteps, mask
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
+# --- Model ------------------------------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
     def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float):
         super().__init__()
@@ -789,9 +779,7 @@ def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return squared.sum() / (mask.sum() * target.shape[-1] if real_entries is None else real_entries)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# --- Evaluation -------------------------------------------------------------------------------
 def make_env(env_id: Any, **kwargs: Any) -> gym.Env:
     """gym.make of an env id or EnvSpec; dict observations come out flattened as in the training data."""
     if isinstance(env_id, str) and env_id not in gym.registry:
@@ -819,13 +807,6 @@ def make_env(env_id: Any, **kwargs: Any) -> gym.Env:
 
 def normalized_score(returns: np.ndarray, ref_min: float, ref_max: float) -> np.ndarray:
     return 100.0 * (returns - ref_min) / (ref_max - ref_min)
-
-
-def step_envs(envs: List[gym.Env], actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step each env with its action -> observations [n, S], rewards [n], done (terminated or truncated) [n]."""
-    results = [env.step(action) for env, action in zip(envs, actions)]
-    return (np.stack([r[0] for r in results]), np.array([r[1] for r in results], dtype=np.float64),
-            np.array([r[2] or r[3] for r in results], dtype=bool))
 
 
 VIDEO_SIZE = 256  # frame width and height in pixels, a multiple of 16 as the mp4 encoder wants
@@ -993,8 +974,11 @@ class EvalEnvs:
         return self._ask("reset", episodes, seeds)[0]
 
     def step(self, episodes: np.ndarray, actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Step each env with its action -> observations [n, S], rewards [n], done (terminated or truncated) [n]."""
         if self.workers == 0:
-            return step_envs([self.envs[e] for e in episodes], actions)
+            results = [self.envs[e].step(action) for e, action in zip(episodes, actions)]
+            return (np.stack([r[0] for r in results]), np.array([r[1] for r in results], dtype=np.float64),
+                    np.array([r[2] or r[3] for r in results], dtype=bool))
         return tuple(self._ask("step", episodes, actions))
 
     def render(self, episodes: np.ndarray, _: Any = None) -> np.ndarray:
@@ -1144,9 +1128,7 @@ def make_eval_envs(config: TrainConfig, env_id: Any) -> EvalEnvs:
     return EvalEnvs(make, episodes * len(config.target_returns), config.eval_workers, render)
 
 
-# ----------------------------------------------------------------------------------------------
-# Logging: a local run folder (config.yaml, metrics.jsonl) and wandb
-# ----------------------------------------------------------------------------------------------
+# --- Logging: a local run folder (config.yaml, metrics.jsonl) and wandb -----------------------
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -1228,9 +1210,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints, resume and eval-only
-# ----------------------------------------------------------------------------------------------
+# --- Checkpoints, resume and eval-only --------------------------------------------------------
 CHECKPOINT_KEYS = ("model_state", "state_mean", "state_std", "config", "step", "state_dim", "action_dim")
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "rng", "dataset_transitions", "best_score", "metrics",
                "loss_sum", "loss_count")
@@ -1285,22 +1265,6 @@ def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ..
     if ignored:
         print(f"warning: the run's saved config is used; ignoring command-line {', '.join(ignored)}", file=sys.stderr)
     return config
-
-
-def rng_states(sampler: "WindowSampler") -> Dict[str, Any]:
-    """Every random stream training draws from: python, numpy, torch (dropout), cuda, the window sampler."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "sampler": sampler.generator.get_state()}
-
-
-def restore_rng_states(states: Dict[str, Any], sampler: "WindowSampler") -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    sampler.generator.set_state(states["sampler"])
 
 
 class StopSignal:
@@ -1385,9 +1349,7 @@ def create_dirs(*dirs: Path) -> None:
                         "checkpoints_path) to a writable folder") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# --- Training ---------------------------------------------------------------------------------
 def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> DecisionTransformer:
     return DecisionTransformer(
         state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
@@ -1545,7 +1507,13 @@ class Run:
         self.model.load_state_dict(checkpoint["model_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state"])
-        restore_rng_states(checkpoint["rng"], self.sampler)
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.sampler.generator.set_state(rng["sampler"])
         self.step, self.best_score, self.metrics = checkpoint["step"], checkpoint["best_score"], checkpoint["metrics"]
         self.loss_sum, self.loss_count = checkpoint["loss_sum"].to(self.loss_sum.device), checkpoint["loss_count"]
 
@@ -1554,7 +1522,10 @@ class Run:
         data, source = self.data, self.source
         checkpoint = {
             "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(), "step": self.step, "rng": rng_states(self.sampler),
+            "scheduler_state": self.scheduler.state_dict(), "step": self.step,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "sampler": self.sampler.generator.get_state()},  # every random stream training draws from
             "state_mean": data.state_mean, "state_std": data.state_std, "state_dim": data.states.shape[1],
             "action_dim": data.actions.shape[1], "dataset_transitions": len(data.states),
             "config": asdict(self.config), "eval_env": source.eval_env, "eval_env_spec": source.env_spec,
@@ -1690,9 +1661,7 @@ def train(config: TrainConfig) -> Dict[str, float]:
     return run.metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+# --- Main -------------------------------------------------------------------------------------
 def parse_config(args: Optional[List[str]] = None) -> TrainConfig:
     """The config from --config_path YAML and command-line fields, with one-line errors."""
     try:

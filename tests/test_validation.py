@@ -86,8 +86,10 @@ def test_report_curves_include_val_loss(tmp_path):
     config = dt.TrainConfig(env_name="hopper-medium-v2", update_steps=200, target_returns=(3600.0,), val_fraction=0.2)
     with open(folder / "config.yaml", "w") as f:
         dt.pyrallis.dump(config, f)
-    metrics = [{"step": 100, "train_loss": 0.5}, {"step": 100, "eval/3600.0_normalized_score_mean": 10.0, "val_loss": 0.6},
-               {"step": 200, "train_loss": 0.3}, {"step": 200, "eval/3600.0_normalized_score_mean": 20.0, "val_loss": 0.4}]
+    metrics = [{"step": 100, "train_loss": 0.5}, {"step": 200, "train_loss": 0.3}]
+    for step, score, val_loss in ((100, 10.0, 0.6), (200, 20.0, 0.4)):
+        metrics.append({"step": step, "eval/3600.0_return_mean": 10 * score, "eval/3600.0_normalized_score_mean": score,
+                        "val_loss": val_loss})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     result = report.read_run(folder)
     assert result.losses == {"train_loss": [(100, 0.5), (200, 0.3)], "val_loss": [(100, 0.6), (200, 0.4)]}

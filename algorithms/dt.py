@@ -144,6 +144,12 @@ class TrainConfig:
     eval_checkpoint: Optional[str] = None
     # MLP activation of the transformer blocks: gelu (exact erf GELU, as CORL) or relu (as the DT authors' code)
     activation: str = "gelu"
+    # attention q/k/v projection init: xavier (CORL: its nn.MultiheadAttention in_proj keeps torch's xavier_uniform_)
+    # or normal (N(0, 0.02) as every other weight, the DT authors' GPT-2)
+    attention_init: str = "xavier"
+    # learning rate after warm-up: constant (CORL) or cosine, decaying to 10% at update_steps (the DT authors'
+    # Atari code, from minGPT): the last updates take small steps, so the final weights are not a noisy snapshot
+    lr_schedule: str = "constant"
     # record this many episodes of every target at each evaluation as mp4 files in the run's videos/ (0: none)
     eval_video: int = 0
     # hold out this fraction of the trajectories (drawn with train_seed) and log val_loss on them (0: train on all)
@@ -189,6 +195,10 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"dataset_source must be d4rl or hf, got '{config.dataset_source}'")
     if config.activation not in ACTIVATIONS:
         raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{config.activation}'")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise UserError(f"lr_schedule must be constant or cosine, got '{config.lr_schedule}'")
+    if config.attention_init not in ("xavier", "normal"):
+        raise UserError(f"attention_init must be xavier or normal, got '{config.attention_init}'")
     if not 0 <= config.eval_video <= config.eval_episodes:
         raise UserError(f"eval_video must be in [0, eval_episodes={config.eval_episodes}], got {config.eval_video}")
 
@@ -310,6 +320,8 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
             raise UserError(f"dataset_path '{path}' is not a folder; with dataset_source hf point it to a dataset "
                             "folder written by datasets' save_to_disk")
         elif not hub:
+            if path.is_dir():
+                raise UserError(f"dataset_path '{path}' is a folder; point it to a D4RL-layout HDF5 file")
             if not path.is_file():
                 raise UserError(f"dataset_path '{path}' does not exist; point it to a D4RL-layout HDF5 file")
             try:
@@ -398,6 +410,10 @@ def checked_transitions(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.
     if data["observations"].size == 0 or data["actions"].size == 0:
         raise UserError(f"{path}: observations or actions have no features (shapes "
                         f"{data['observations'].shape}, {data['actions'].shape}); expected [N, dim] arrays")
+    for k, v in data.items():
+        if np.asarray(v).dtype.kind not in "biuf":  # bool, integer or float; byte strings, objects are no data
+            raise UserError(f"{path}: '{k}' has dtype {np.asarray(v).dtype}, not numbers; store it as float32 "
+                            "(flags as bool)")
     for k in ("observations", "actions", "rewards"):
         if not np.isfinite(data[k]).all():
             raise UserError(f"{path}: '{k}' contains NaN or inf values")
@@ -703,7 +719,8 @@ class DecisionTransformer(nn.Module):
     def __init__(self, state_dim: int, action_dim: int, seq_len: int = 20, episode_len: int = 1000,
                  embedding_dim: int = 128, num_layers: int = 3, num_heads: int = 1,
                  attention_dropout: float = 0.1, residual_dropout: float = 0.1,
-                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu"):
+                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu",
+                 attention_init: str = "xavier"):
         super().__init__()
         self.state_dim, self.action_dim = state_dim, action_dim
         self.seq_len, self.episode_len = seq_len, episode_len
@@ -722,6 +739,9 @@ class DecisionTransformer(nn.Module):
         self.out_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
         self.apply(self._init_weights)
+        if attention_init == "xavier":  # CORL's nn.MultiheadAttention in_proj_weight [3E, E], never visited by its init
+            for block in self.blocks:
+                nn.init.xavier_uniform_(block.attention.qkv.weight)  # torch's own MHA init: std sqrt(1/(2E))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -1356,6 +1376,7 @@ def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> Decisio
         embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
         attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
         embedding_dropout=config.embedding_dropout, max_action=config.max_action, activation=config.activation,
+        attention_init=config.attention_init,
     )
 
 
@@ -1366,9 +1387,17 @@ def build_training(config: TrainConfig, state_dim: int, action_dim: int,
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
                                   weight_decay=config.weight_decay,
                                   fused=config.fused_adamw and device.type == "cuda")  # one kernel for all params
-    warmup = max(config.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 1.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, warmup=config.warmup_steps, total=config.update_steps, cosine=config.lr_schedule == "cosine"))
     return model, optimizer, scheduler
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
+    """Learning-rate multiplier of update step + 1: linear warm-up min((step+1)/warmup, 1), then 1 or a cosine to 0.1."""
+    if step + 1 < warmup or not cosine:
+        return min((step + 1) / max(warmup, 1), 1.0)
+    progress = (step + 1 - warmup) / max(total - warmup, 1)  # 0 at the end of warm-up, 1 at the last update
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def forward_backward(model: nn.Module, batch: Tuple[torch.Tensor, ...], micro_batch: int, bf16: bool) -> torch.Tensor:

@@ -11,7 +11,7 @@ reference scores, behaviour-policy return) that algorithms/dt.py reads, so a con
 `dataset_path`.
 
     python benchmarks/make_dataset.py --env Hopper-v4 --work_dir work/hopper --train_steps 300000 \\
-        --kinds medium_replay medium expert --out_dir datasets
+        --kinds medium_replay medium expert --out_dir data
 
 Everything is resumable: re-running continues SAC from its latest checkpoint (with its replay buffer)
 and skips dataset files that already exist. Needs stable-baselines3 (requirements-dev.txt).
@@ -281,7 +281,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", required=True, help="gymnasium env id with Box actions, e.g. Hopper-v4")
     parser.add_argument("--work_dir", required=True, help="SAC checkpoints, replay buffer and progress.json")
-    parser.add_argument("--out_dir", default="datasets", help="where the HDF5 files go")
+    parser.add_argument("--out_dir", default="data", help="where the HDF5 files go")
     parser.add_argument("--name", default=None, help="file prefix (default: the env's name, e.g. hopper)")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
                         help="medium_expert needs medium and expert earlier in the list or on disk")

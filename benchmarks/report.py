@@ -81,6 +81,7 @@ class RunResult:
     target: Optional[float] = None  # the highest target return
     metric: str = NORMALIZED
     curve: List[Tuple[int, float]] = field(default_factory=list)  # (step, mean score at target) per evaluation
+    by_target: Dict[float, List[float]] = field(default_factory=dict)  # every target's score per evaluation
     losses: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # train_loss, val_loss: [(step, value)]
     data_mean: Optional[float] = None  # the training data's mean episode score, when its file records it
 
@@ -156,6 +157,9 @@ def read_run(folder: Path) -> Optional[RunResult]:
     result.metric = RETURN if evals and any(normalized_key not in row for row in evals) else NORMALIZED
     key = normalized_key if result.metric == NORMALIZED else return_key
     result.curve = [(row["step"], float(row[key])) for row in evals]
+    for target in sorted(config.target_returns, reverse=True):
+        target_key = key.replace(f"eval/{result.target}_", f"eval/{target}_")
+        result.by_target[target] = [float(row[target_key]) for row in rows if target_key in row]
     result.losses = {k: [(row["step"], float(row[k])) for row in rows if k in row] for k in ("train_loss", "val_loss")}
     result.data_mean = data_mean_score(config, result.metric)
     last_logged = max(row["step"] for row in rows)
@@ -293,7 +297,24 @@ def plot_name(dataset: str) -> str:
     return "curves_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset) + ".png"
 
 
-def markdown(rows: List[Dict[str, Any]], problems: List[RunResult], differences: Dict[str, Dict[str, Dict[str, Any]]],
+def per_seed_table(groups: List[Group]) -> List[str]:
+    """Each finished run's last and best score at every one of its targets (best: over its evaluations)."""
+    lines = []
+    for group in groups:
+        targets = list(group.finished[0].by_target)
+        lines += [f"Per seed, {group.env_name} config {group.config_id} ({group.metric}):", "",
+                  "| seed | " + " | ".join(f"last @ {t:g} | best @ {t:g}" for t in targets) + " |",
+                  "|---|" + "---|---|" * len(targets)]
+        for run in sorted(group.finished, key=lambda r: r.seed):
+            cells = [f"{run.by_target[t][-1]:.2f} | {max(run.by_target[t]):.2f}" if run.by_target.get(t) else "- | -"
+                     for t in targets]
+            lines.append(f"| {run.seed} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def markdown(groups: List[Group], rows: List[Dict[str, Any]], problems: List[RunResult],
+             differences: Dict[str, Dict[str, Dict[str, Any]]],
              plots: Dict[str, str], command: str, skipped_eval_only: int) -> str:
     lines = ["# DT results", "",
              f"Made by `{command}`.", "",
@@ -322,6 +343,7 @@ def markdown(rows: List[Dict[str, Any]], problems: List[RunResult], differences:
                                                 if r["data_mean"] is not None):
             lines += [f"{dataset}: the training data's own mean episode score is {data_mean:.2f} (its file's "
                       "`dataset_mean_return`).", ""]
+        lines += per_seed_table([g for g in groups if dataset_family(g.env_name) == family and g.finished])
         for dataset in dict.fromkeys(row["dataset"] for row in family_rows):
             if dataset in plots:
                 lines += [f"![{dataset}]({plots[dataset]})", ""]
@@ -454,7 +476,7 @@ def report(roots: List[Path], out_dir: Path, command: str, plots: bool = True) -
                     plot_dataset(dataset, [g for g in with_seeds if g.metric == metric], out_dir / name,
                                  differences.get(dataset, {}))
                     plot_files.setdefault(dataset, name)
-        text = markdown(rows, problems, differences, plot_files, command, skipped_eval_only)
+        text = markdown(groups, rows, problems, differences, plot_files, command, skipped_eval_only)
         write_text(out_dir / "results.md", text)
         write_text(out_dir / "results.csv", write_csv(rows))
     except OSError as err:

@@ -57,6 +57,15 @@ def zero_features(d):
     d["observations"] = d["observations"][:, :0]
 
 
+def byte_strings(key):
+    return hdf5_edited(lambda d: d.__setitem__(key, np.array([b"step"] * len(d[key]))))
+
+
+def a_folder(tmp: Path) -> list:
+    (tmp / "my_data").mkdir()
+    return ["--dataset_path", str(tmp / "my_data"), "--eval_env", "Hopper-v4"]
+
+
 def file_with(name, content):
     def make(tmp: Path) -> list:
         (tmp / name).write_bytes(content)
@@ -133,6 +142,9 @@ CASES = [
     ("unknown eval env", hdf5_edited(lambda d: None), ["--eval_env", "Hoper-v4"], ["Hoper-v4", "Hopper-v4"]),
     ("dataset missing, no network", no_network, [], ["walker2d_medium_replay-v2.hdf5", "http://rail.eecs.berkeley.edu"]),
     ("dataset_path missing", None, ["--dataset_path", "nope.hdf5"], ["nope.hdf5", "does not exist"]),
+    ("dataset_path is a folder", a_folder, [], ["my_data' is a folder", "HDF5 file"]),
+    ("byte-string observations", byte_strings("observations"), [], ["'observations' has dtype |S4", "float32"]),
+    ("byte-string terminals", byte_strings("terminals"), [], ["'terminals' has dtype |S4", "bool"]),
     ("missing HDF5 key", hdf5_without("timeouts"), [], ["missing HDF5 keys ['timeouts']"]),
     ("mismatched lengths", truncate("actions", 10), [], ["differ in length", "actions has 10"]),
     ("NaN observation", set_nan("observations"), [], ["'observations'", "NaN or inf"]),
@@ -155,6 +167,8 @@ CASES = [
     ("heads do not divide width", None, ["--num_heads", "3"], ["divisible by num_heads"]),
     ("inverted reference scores", None, ["--ref_min_score", "10", "--ref_max_score", "5"], ["ref_min_score < ref_max_score"]),
     ("unknown device", None, ["--device", "tpu"], ["unknown device 'tpu'"]),
+    ("unknown attention_init", None, ["--attention_init", "kaiming"], ["attention_init", "xavier or normal"]),
+    ("unknown lr_schedule", None, ["--lr_schedule", "linear"], ["lr_schedule", "constant or cosine"]),
     ("negative seed", None, ["--eval_seed", "-1"], ["eval_seed must be >= 0"]),
     ("betas out of range", None, ["--betas", "[0.9,1.5]"], ["betas", "[0, 1)"]),
     ("negative weight decay", None, ["--weight_decay", "-1"], ["weight_decay must be >= 0"]),

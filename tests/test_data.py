@@ -9,6 +9,10 @@ import pytest
 
 import dt
 
+# D4RL's (random, expert) returns, d4rl/infos.py: the normalized score's references
+D4RL_REFERENCES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                   "walker2d": (1.629008, 4592.3)}
+
 
 def test_cut_trajectories_at_terminals_and_timeouts_keeps_trailing_piece():
     terminals = np.array([0, 0, 1, 0, 0, 0, 0, 0], dtype=bool)
@@ -83,7 +87,7 @@ def test_every_d4rl_locomotion_name_resolves(monkeypatch, tmp_path):
         assert source.eval_env == {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}[env]
         assert source.path == tmp_path / dt.d4rl_file_name(name)
         assert source.url == "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + dt.d4rl_file_name(name)
-        assert (source.ref_min_score, source.ref_max_score) == dt.D4RL_REF_SCORES[env]
+        assert (source.ref_min_score, source.ref_max_score) == D4RL_REFERENCES[env]
 
 
 def test_dataset_dir_default_and_overrides(monkeypatch, tmp_path):

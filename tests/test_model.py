@@ -40,19 +40,28 @@ def test_causality_later_tokens_never_change_earlier_predictions(step):
             assert not torch.allclose(out[:, unchanged:], base[:, unchanged:], atol=1e-4)
 
 
-def test_padded_inputs_never_change_real_predictions():
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_inputs_never_change_real_predictions(side):
     model = small_model()
     states, actions, returns, timesteps = random_inputs(model)
     mask = torch.ones(3, 6, dtype=torch.bool)
-    mask[0, 4:] = False
-    mask[1, 1:] = False
+    if side == "right":  # training's padding: causal attention alone already hides these keys
+        mask[0, 4:] = False
+        mask[1, 1:] = False
+    else:  # real steps after padded ones: only padding_mask hides the padded keys from them
+        mask[0, :2] = False
+        mask[1, :5] = False
     base = model(states, actions, returns, timesteps, padding_mask=mask)
     s, a, r = states.clone(), actions.clone(), returns.clone()
     for x in (s, a, r):
         x[~mask] = 7.0
     out = model(s, a, r, timesteps, padding_mask=mask)
+    assert not out.isnan().any()  # left padding gives fully masked query rows: no NaN may leak into real rows
     torch.testing.assert_close(out[mask], base[mask], rtol=0, atol=1e-6)
     assert not torch.allclose(out[~mask], base[~mask], atol=1e-4)  # padded positions do see their inputs
+    if side == "left":  # the same change without the mask reaches the real predictions: the mask is what hides it
+        unmasked = model(s, a, r, timesteps) - model(states, actions, returns, timesteps)
+        assert unmasked[mask].abs().max() > 1e-3
     # with nothing padded the mask changes nothing
     full = torch.ones(3, 6, dtype=torch.bool)
     torch.testing.assert_close(model(states, actions, returns, timesteps, full),
@@ -80,13 +89,44 @@ def test_parameter_count_of_default_hopper_model():
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
-def test_init_follows_gpt():
-    model = dt.DecisionTransformer(state_dim=11, action_dim=3)
+def corl_attention(embedding_dim: int, num_heads: int) -> torch.nn.MultiheadAttention:
+    """CORL's attention layer as its DecisionTransformer initialises it: its _init_weights visits only Linear
+    and Embedding modules, so out_proj gets N(0, 0.02) and the bare in_proj_weight keeps torch's own init."""
+    attention = torch.nn.MultiheadAttention(embedding_dim, num_heads, dropout=0.1, batch_first=True)
+    torch.nn.init.normal_(attention.out_proj.weight, mean=0.0, std=0.02)
+    torch.nn.init.zeros_(attention.out_proj.bias)
+    return attention
+
+
+def test_default_init_is_corls_effective_init():
+    torch.manual_seed(0)
+    model = dt.DecisionTransformer(state_dim=11, action_dim=3)  # E=128, the default
+    corl = corl_attention(128, 1)
+    for block in model.blocks:
+        ours, theirs = block.attention.qkv.weight, corl.in_proj_weight
+        assert ours.shape == theirs.shape == (3 * 128, 128)
+        assert ours.std().item() == pytest.approx(theirs.std().item(), rel=0.02)
+        assert ours.std().item() == pytest.approx((1 / 256) ** 0.5, rel=0.02)  # xavier: 0.0625, not 0.02
+        bound = (6 / (128 + 3 * 128)) ** 0.5  # uniform on [-bound, bound], as torch's MHA
+        assert theirs.abs().max() <= bound and bound * 0.99 < ours.abs().max() <= bound
+        assert (block.attention.qkv.bias == 0).all() and (corl.in_proj_bias == 0).all()
+        assert block.attention.proj.weight.std().item() == pytest.approx(corl.out_proj.weight.std().item(), rel=0.05)
+    # everything else as GPT-2: N(0, 0.02) weights, zero biases, unit LayerNorms
     weight = model.blocks[0].mlp[0].weight
     assert abs(weight.std().item() - 0.02) < 0.001 and abs(model.timestep_emb.weight.std().item() - 0.02) < 0.001
     assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, torch.nn.Linear))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 2 + 2 * 3 and all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
+
+
+def test_normal_attention_init_is_the_dt_authors_gpt2_init():
+    torch.manual_seed(0)
+    config = dt.TrainConfig(attention_init="normal")
+    model = dt.build_model(config, 11, 3)
+    for block in model.blocks:
+        qkv = block.attention.qkv.weight
+        assert qkv.mean().item() == pytest.approx(0.0, abs=5e-4)
+        assert qkv.std().item() == pytest.approx(0.02, rel=0.02)  # xavier would be 0.0625 at E=128
 
 
 def test_masked_mse_is_mean_over_real_entries():

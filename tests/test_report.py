@@ -65,6 +65,16 @@ def test_last_and_best_mean_and_population_std_over_seeds(tmp_path):
     assert row["score"] == "normalized" and row["target"] == 3600.0
 
 
+def test_per_seed_table_gives_last_and_best_at_every_target(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "r1", seed=1, update_steps=200, scores={100: {3600: 40.0, 1800: 30.0}, 200: {3600: 20.0, 1800: 35.0}})
+    write_run(runs / "r0", seed=0, update_steps=200, scores={100: {3600: 10.0, 1800: 25.0}, 200: {3600: 50.0, 1800: 5.0}})
+    text, _ = run_report(tmp_path, runs)
+    table = text.split("Per seed, hopper-medium-v2")[1]
+    assert "| seed | last @ 3600 | best @ 3600 | last @ 1800 | best @ 1800 |" in table
+    assert table.index("| 0 | 50.00 | 50.00 | 5.00 | 25.00 |") < table.index("| 1 | 20.00 | 40.00 | 35.00 | 35.00 |")
+
+
 def test_unfinished_and_missing_runs_are_listed_and_not_averaged(tmp_path):
     grid = tmp_path / "grid"
     write_run(grid / "a-seed0", seed=0, scores=curve(10.0, 20.0, 30.0))

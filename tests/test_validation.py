@@ -56,6 +56,7 @@ def test_val_loss_is_the_masked_mse_of_every_held_out_step_once(hopper_file):
 
 
 def test_val_loss_logged_at_every_evaluation_and_exact_after_resume(env, tmp_path):
+    env = {**env, "WANDB_MODE": "disabled"}  # metrics.jsonl is what is compared
     args = [*RUN, "--val_fraction", "0.3"]
     result = run([*args, "--run_dir", "full"], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

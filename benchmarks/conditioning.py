@@ -34,7 +34,8 @@ COLUMNS = ("target", "target_normalized", "return_mean", "return_std", "normaliz
 
 def default_targets(episode_returns: np.ndarray, count: int, top_factor: float = 1.5) -> np.ndarray:
     """count targets from the lowest episode return to top_factor x the highest, evenly spaced (rounded to 0.1)."""
-    return np.round(np.linspace(episode_returns.min(), top_factor * episode_returns.max(), count), 1)
+    low, high = float(episode_returns.min()), float(episode_returns.max())  # float64: round to 0.1 exactly
+    return np.round(np.linspace(low, top_factor * high, count), 1)
 
 
 def conditioning(checkpoint_path: Path, targets: Optional[List[float]], count: int, episodes: int, eval_seed: int,

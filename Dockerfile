@@ -5,6 +5,9 @@ FROM python:3.11-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libegl1 libgl1 libglvnd0 libosmesa6 \
     && rm -rf /var/lib/apt/lists/*
+# --eval_video without a GPU: Mesa's software EGL (libEGL_mesa, the llvmpipe driver) and libOpenGL for PyOpenGL
+RUN apt-get update && apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri \
+    && rm -rf /var/lib/apt/lists/*
 ENV MUJOCO_GL=egl \
     PYOPENGL_PLATFORM=egl \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics \

@@ -12,6 +12,7 @@ import copy
 import ctypes
 import difflib
 import functools
+import importlib.util
 import io
 import json
 import multiprocessing as mp
@@ -30,7 +31,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -45,9 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
+# --- Config -----------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
     """Every field of the CORL baseline (same names and defaults, device 'auto'), then this project's own."""
@@ -151,6 +150,10 @@ class TrainConfig:
     # learning rate after warm-up: constant (CORL) or cosine, decaying to 10% at update_steps (the DT authors'
     # Atari code, from minGPT): the last updates take small steps, so the final weights are not a noisy snapshot
     lr_schedule: str = "constant"
+    # record this many episodes of every target at each evaluation as mp4 files in the run's videos/ (0: none)
+    eval_video: int = 0
+    # hold out this fraction of the trajectories (drawn with train_seed) and log val_loss on them (0: train on all)
+    val_fraction: float = 0.0
 
 
 class UserError(Exception):
@@ -165,7 +168,7 @@ def validate_config(config: TrainConfig) -> None:
             raise UserError(f"{name} must be a positive integer, got {getattr(config, name)}")
     if config.embedding_dim % config.num_heads:
         raise UserError(f"embedding_dim ({config.embedding_dim}) must be divisible by num_heads ({config.num_heads})")
-    for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+    for name in ("attention_dropout", "residual_dropout", "embedding_dropout", "val_fraction"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {getattr(config, name)}")
     if config.max_action <= 0 or config.reward_scale <= 0 or config.learning_rate <= 0:
@@ -196,6 +199,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"lr_schedule must be constant or cosine, got '{config.lr_schedule}'")
     if config.attention_init not in ("xavier", "normal"):
         raise UserError(f"attention_init must be xavier or normal, got '{config.attention_init}'")
+    if not 0 <= config.eval_video <= config.eval_episodes:
+        raise UserError(f"eval_video must be in [0, eval_episodes={config.eval_episodes}], got {config.eval_video}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -231,9 +236,7 @@ def set_seed(seed: int, deterministic_torch: bool = False) -> None:
     torch.use_deterministic_algorithms(deterministic_torch)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: D4RL names and files
-# ----------------------------------------------------------------------------------------------
+# --- Data: D4RL names and files ---------------------------------------------------------------
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
 D4RL_KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
 # gymnasium -v4 envs are the maintained equivalents of the gym -v3 envs the -v2 data was collected on
@@ -476,9 +479,7 @@ def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
     return checked_transitions({**flat, "terminals": terminals, "timeouts": timeouts}, source)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: Minari datasets
-# ----------------------------------------------------------------------------------------------
+# --- Data: Minari datasets --------------------------------------------------------------------
 def obs_keys(keys: Any) -> List[str]:
     """Flattening order of dict observations: observation, achieved_goal, desired_goal, then other keys sorted."""
     return [k for k in OBS_KEY_ORDER if k in keys] + sorted(k for k in keys if k not in OBS_KEY_ORDER)
@@ -544,9 +545,19 @@ def load_minari(source: DatasetSource, recover_env: bool) -> Tuple[DatasetSource
     return source, raw
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: trajectories, returns-to-go, normalisation
-# ----------------------------------------------------------------------------------------------
+def load_dataset(config: TrainConfig, source: DatasetSource) -> Tuple[DatasetSource, Dict[str, np.ndarray]]:
+    """config's transitions from wherever `source` says they are: the Hub (dataset_source hf), a Minari dataset
+    (which completes source) or a D4RL-layout HDF5 file, downloaded when missing."""
+    if config.dataset_source == "hf":
+        return source, load_hf_trajectories(source.path or config.env_name)
+    if source.minari_id is not None:
+        return load_minari(source, recover_env=config.eval_env is None)
+    if not source.path.exists():
+        download(source.url, source.path)
+    return source, load_d4rl_hdf5(source.path)
+
+
+# --- Data: trajectories, returns-to-go, normalisation -----------------------------------------
 def cut_trajectories(terminals: np.ndarray, timeouts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Start index and length of every trajectory; a trajectory ends at each terminal or timeout."""
     ends = np.flatnonzero(terminals | timeouts) + 1  # exclusive end of each flagged trajectory
@@ -576,12 +587,14 @@ class OfflineData:
     state_std: np.ndarray  # [S]
 
 
-def prepare_data(raw: Dict[str, np.ndarray], reward_scale: float) -> OfflineData:
+def prepare_data(raw: Dict[str, np.ndarray], reward_scale: float,
+                 normalisation: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> OfflineData:
+    """Trajectories, scaled returns-to-go and states normalised with raw's own statistics (or the given ones)."""
     starts, lengths = cut_trajectories(raw["terminals"], raw["timeouts"])
     rtg = returns_to_go(raw["rewards"], starts, lengths)
     observations = raw["observations"]
-    state_mean = observations.mean(0, dtype=np.float64).astype(np.float32)
-    state_std = (observations.std(0, dtype=np.float64) + 1e-6).astype(np.float32)  # population std, + 1e-6
+    state_mean, state_std = normalisation or (observations.mean(0, dtype=np.float64).astype(np.float32),
+                                              (observations.std(0, dtype=np.float64) + 1e-6).astype(np.float32))
     return OfflineData(
         states=(observations - state_mean) / state_std,
         actions=raw["actions"],
@@ -592,6 +605,22 @@ def prepare_data(raw: Dict[str, np.ndarray], reward_scale: float) -> OfflineData
         state_mean=state_mean,
         state_std=state_std,
     )
+
+
+def split_trajectories(raw: Dict[str, np.ndarray], fraction: float,
+                       seed: int) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]]]:
+    """(training, held-out) transitions: a random `fraction` of the trajectories, drawn with `seed`, held out
+    whole; both keep the file's order (only the last trajectory may lack an end flag). fraction 0: (raw, None)."""
+    if fraction == 0:
+        return raw, None
+    starts, lengths = cut_trajectories(raw["terminals"], raw["timeouts"])
+    held = round(fraction * len(starts))
+    if not 0 < held < len(starts):
+        raise UserError(f"val_fraction {fraction} of the dataset's {len(starts)} trajectories holds out {held}; "
+                        "choose a fraction that leaves at least one trajectory on each side")
+    held_out = np.isin(np.arange(len(starts)), np.random.default_rng(seed).permutation(len(starts))[:held])
+    is_val = np.repeat(held_out, lengths)  # per transition
+    return {k: v[~is_val] for k, v in raw.items()}, {k: v[is_val] for k, v in raw.items()}
 
 
 class WindowSampler:
@@ -630,9 +659,7 @@ class WindowSampler:
         return states, actions, returns, timesteps, mask
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
+# --- Model ------------------------------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
     def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float):
         super().__init__()
@@ -772,9 +799,7 @@ def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return squared.sum() / (mask.sum() * target.shape[-1] if real_entries is None else real_entries)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# --- Evaluation -------------------------------------------------------------------------------
 def make_env(env_id: Any, **kwargs: Any) -> gym.Env:
     """gym.make of an env id or EnvSpec; dict observations come out flattened as in the training data."""
     if isinstance(env_id, str) and env_id not in gym.registry:
@@ -804,21 +829,81 @@ def normalized_score(returns: np.ndarray, ref_min: float, ref_max: float) -> np.
     return 100.0 * (returns - ref_min) / (ref_max - ref_min)
 
 
-def step_envs(envs: List[gym.Env], actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step each env with its action -> observations [n, S], rewards [n], done (terminated or truncated) [n]."""
-    results = [env.step(action) for env, action in zip(envs, actions)]
-    return (np.stack([r[0] for r in results]), np.array([r[1] for r in results], dtype=np.float64),
-            np.array([r[2] or r[3] for r in results], dtype=bool))
+VIDEO_SIZE = 256  # frame width and height in pixels, a multiple of 16 as the mp4 encoder wants
 
 
-def _env_worker(conn: Any, make_env_fn: Callable[[], gym.Env], num_envs: int, threads: int) -> None:
-    """Holds num_envs envs in a worker process; steps some of them on request, or runs whole rollouts
-    of its episodes with a copy of the model (CPU evaluation)."""
+def make_render_env(make_env_fn: Callable[..., gym.Env]) -> gym.Env:
+    """An eval env that renders rgb_array frames. MuJoCo's shadows, reflections and multisampling are turned
+    off (drawing only, no physics): 5 instead of 80 ms a frame with software OpenGL on this project's CPU."""
+    try:
+        env = make_env_fn(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
+    except TypeError:  # an env without frame size arguments
+        env = make_env_fn(render_mode="rgb_array")
+    model = getattr(env.unwrapped, "model", None)
+    if hasattr(model, "light_castshadow"):  # a MuJoCo env
+        model.light_castshadow[:], model.mat_reflectance[:], model.vis.quality.offsamples = False, 0.0, 0
+    return env
+
+
+def check_video(make_env_fn: Callable[..., gym.Env]) -> None:
+    """Fail before a run starts when it cannot record videos: a package missing, or no offscreen rendering."""
+    for module, package in (("imageio", "imageio==2.38.1"), ("imageio_ffmpeg", "imageio-ffmpeg==0.8.1"),
+                            ("PIL", "pillow==13.0.0")):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"eval_video needs the {package.split('==')[0]} package: pip install {package}")
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders headless (inherited by the env workers)
+    try:
+        env = make_render_env(make_env_fn)
+        env.reset(seed=0)
+        frame, error = env.render(), "it returned no rgb frame"
+        env.close()
+    except Exception as err:  # a missing OpenGL library, a bad MUJOCO_GL: mujoco and OpenGL raise many types
+        frame, error = None, f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3:
+        raise UserError(f"eval_video: the eval env cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
+                        f"({error}); install Mesa's EGL (apt-get install libegl1 libopengl0 libgl1-mesa-dri), or "
+                        "set MUJOCO_GL=osmesa with libosmesa6, or run without --eval_video")
+
+
+class EpisodeVideo:
+    """One episode's mp4 file, each frame labelled with the target and the return so far in its top-left
+    corner; written under a temporary name and renamed when the episode completes."""
+
+    def __init__(self, path: str, target: float, fps: float):
+        import imageio
+        from PIL import Image, ImageDraw, ImageFont
+        self.path, self.part, self.target = path, path[:-len(".mp4")] + ".part.mp4", target
+        self.image, self.draw, self.font = Image, ImageDraw, ImageFont.load_default(size=14)
+        self.writer = imageio.get_writer(self.part, fps=fps, ffmpeg_log_level="error",  # veryfast: half the
+                                         output_params=["-preset", "veryfast"])  # encoding time, a smaller file
+
+    def add(self, frame: np.ndarray, episode_return: float) -> None:
+        image = self.image.fromarray(frame)
+        draw, text = self.draw.Draw(image), f"target {self.target:g}\nreturn {episode_return:.1f}"
+        draw.rectangle((0, 0, *np.add(draw.multiline_textbbox((4, 4), text, font=self.font)[2:], 4)), fill=(0, 0, 0))
+        draw.multiline_text((4, 4), text, fill=(255, 255, 255), font=self.font)
+        self.writer.append_data(np.asarray(image))
+
+    def __enter__(self) -> "EpisodeVideo":
+        return self
+
+    def __exit__(self, error: Any, *_: Any) -> None:
+        self.writer.close()
+        if error is None:
+            os.replace(self.part, self.path)
+        elif os.path.exists(self.part):
+            os.remove(self.part)
+
+
+def _env_worker(conn: Any, make_env_fn: Callable[..., gym.Env], num_envs: int, threads: int, render: List[int]) -> None:
+    """Holds num_envs envs in a worker process (those in `render` render frames); steps or renders some of
+    them on request, or runs whole rollouts of its episodes with a copy of the model (CPU evaluation)."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # sent to the whole process group; the trainer handles them
         signal.signal(sig, signal.SIG_IGN)
     keep_freed_memory()
     torch.set_num_threads(threads)  # the cores are shared out between the workers
-    envs = EvalEnvs(make_env_fn, num_envs)
+    envs = EvalEnvs(make_env_fn, num_envs, render=render)
     conn.send(("ok", None))  # ready
     try:
         while True:
@@ -826,16 +911,14 @@ def _env_worker(conn: Any, make_env_fn: Callable[[], gym.Env], num_envs: int, th
             if command == "close":
                 break
             try:
-                if command == "reset":
-                    result = envs.reset(local, data)
-                elif command == "step":
-                    result = envs.step(local, data)
-                else:  # rollout: data = (targets, seeds, pickled model, state_mean, state_std, reward_scale)
-                    targets, seeds, model, *normalisation = data
+                if command == "rollout":  # data = (targets, seeds, videos, pickled model, state_mean, state_std, reward_scale)
+                    targets, seeds, videos, model, *normalisation = data
                     timing = {"forward": 0.0, "env": 0.0}
                     returns = rollout(pickle.loads(model), envs, targets, seeds, *normalisation,
-                                      torch.device("cpu"), timing)
+                                      torch.device("cpu"), timing, videos)
                     result = (returns, timing)
+                else:  # reset (data: seeds), step (data: actions), render
+                    result = getattr(envs, command)(local, data)
                 conn.send(("ok", result))
             except Exception as err:  # reported to the main process, which raises it
                 conn.send(("error", f"{type(err).__name__}: {err}"))
@@ -849,17 +932,22 @@ class EvalEnvs:
     """num_envs evaluation envs, stepped in this process (workers=0) or spread over worker processes.
 
     Env e lives in worker e % workers (round robin keeps the live episodes spread as others finish).
+    The envs numbered in `render` are made by make_render_env(make_env_fn) and render frames.
     """
 
-    def __init__(self, make_env_fn: Callable[[], gym.Env], num_envs: int, workers: int = 0):
+    def __init__(self, make_env_fn: Callable[..., gym.Env], num_envs: int, workers: int = 0, render: Any = ()):
         probe = make_env_fn()
         self.state_dim, self.action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+        self.fps, self.rendered = probe.metadata.get("render_fps", 30), sorted(render)
         if workers == -1:  # measured: worth it from ~16 envs a worker
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             workers = min(cores, num_envs // 16)
         self.num_envs, self.workers = num_envs, min(workers, num_envs)
         if self.workers == 0:
-            self.envs = [probe] + [make_env_fn() for _ in range(num_envs - 1)]
+            self.envs = [make_render_env(make_env_fn) if e in self.rendered else probe if e == 0 else make_env_fn()
+                         for e in range(num_envs)]
+            if self.envs[0] is not probe:  # env 0 renders
+                probe.close()
             return
         probe.close()
         context = mp.get_context("spawn")  # no fork: the parent holds torch threads and maybe CUDA
@@ -868,7 +956,8 @@ class EvalEnvs:
             parent, child = context.Pipe()
             count = len(range(worker, num_envs, self.workers))
             threads = max(1, torch.get_num_threads() // self.workers)  # this process's threads, shared out
-            context.Process(target=_env_worker, args=(child, make_env_fn, count, threads), daemon=True).start()
+            render = [e // self.workers for e in self.rendered if e % self.workers == worker]
+            context.Process(target=_env_worker, args=(child, make_env_fn, count, threads, render), daemon=True).start()
             child.close()
             self.pipes.append(parent)
         for pipe in self.pipes:  # wait until every worker has built its envs
@@ -889,17 +978,15 @@ class EvalEnvs:
         for w, (status, result) in answers.items():
             if status == "error":
                 raise RuntimeError(f"evaluation env worker {w} failed: {result}")
-        parts = {w: result if isinstance(result, tuple) else (result,) for w, (_, result) in answers.items()}
+        parts = [result if isinstance(result, tuple) else (result,) for _, result in answers.values()]
+        rows = np.concatenate([np.flatnonzero(owner == w) for w in asked])  # the episode of each gathered row
         outputs = []
-        for i in range(len(parts[asked[0]])):
-            first = parts[asked[0]][i]
-            if not isinstance(first, np.ndarray):  # per-worker values (rollout timings)
-                outputs.append([parts[w][i] for w in asked])
-                continue
-            out = np.empty((len(episodes),) + first.shape[1:], dtype=first.dtype)
-            for w in asked:
-                out[owner == w] = parts[w][i]
-            outputs.append(out)
+        for values in zip(*parts):  # each output, from every worker
+            if isinstance(values[0], np.ndarray):
+                gathered = np.concatenate(values)
+                values = np.empty_like(gathered)
+                values[rows] = gathered
+            outputs.append(values)  # else per-worker values (rollout timings)
         return outputs
 
     def reset(self, episodes: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -908,15 +995,24 @@ class EvalEnvs:
         return self._ask("reset", episodes, seeds)[0]
 
     def step(self, episodes: np.ndarray, actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Step each env with its action -> observations [n, S], rewards [n], done (terminated or truncated) [n]."""
         if self.workers == 0:
-            return step_envs([self.envs[e] for e in episodes], actions)
+            results = [self.envs[e].step(action) for e, action in zip(episodes, actions)]
+            return (np.stack([r[0] for r in results]), np.array([r[1] for r in results], dtype=np.float64),
+                    np.array([r[2] or r[3] for r in results], dtype=bool))
         return tuple(self._ask("step", episodes, actions))
 
-    def rollout(self, model: "DecisionTransformer", targets: np.ndarray, seeds: np.ndarray, *args: Any,
-                timing: Optional[Dict[str, float]] = None) -> np.ndarray:
+    def render(self, episodes: np.ndarray, _: Any = None) -> np.ndarray:
+        """The current frame of each of these envs (they must render): [n, height, width, 3] uint8."""
+        if self.workers == 0:
+            return np.stack([self.envs[e].render() for e in episodes])
+        return self._ask("render", episodes, episodes)[0]
+
+    def rollout(self, model: "DecisionTransformer", targets: np.ndarray, seeds: np.ndarray, videos: np.ndarray,
+                *args: Any, timing: Optional[Dict[str, float]] = None) -> np.ndarray:
         """Each worker runs rollout() for its episodes with a CPU copy of the model; returns [episodes]."""
         blob = pickle.dumps(model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu())
-        returns, timings = self._ask("rollout", np.arange(len(targets)), (targets, seeds), shared=(blob, *args))
+        returns, timings = self._ask("rollout", np.arange(len(targets)), (targets, seeds, videos), shared=(blob, *args))
         for key in timing or {}:  # wall time: the mean over the workers, which run at the same time
             timing[key] += sum(t[key] for t in timings) / len(timings)
         return returns
@@ -934,11 +1030,12 @@ class EvalEnvs:
 @torch.no_grad()
 def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, seeds: np.ndarray,
             state_mean: np.ndarray, state_std: np.ndarray, reward_scale: float, device: torch.device,
-            timing: Optional[Dict[str, float]] = None) -> np.ndarray:
+            timing: Optional[Dict[str, float]] = None, videos: Optional[np.ndarray] = None) -> np.ndarray:
     """Episode e runs in env e with target return targets[e] from reset seed seeds[e]; all episodes
     together, one batched forward pass per env step. Returns the episode returns [episodes].
 
     timing: if given, seconds spent in the model ("forward") and in env steps ("env") are added to it.
+    videos: an mp4 path per episode, or None for those not recorded (their env must render).
     """
     num, K, S, A = len(targets), model.seq_len, model.state_dim, model.action_dim
     clock = time.perf_counter
@@ -953,58 +1050,67 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
     timesteps = torch.zeros(num, K, dtype=torch.long, device=device)
     returns[:, -1] = torch.as_tensor(targets * reward_scale, dtype=torch.float32, device=device)  # R_0
     episode_returns = np.zeros(num)
-    for t in range(model.episode_len):
-        start = clock()
-        states[:, -1] = (torch.as_tensor(observations, dtype=torch.float32, device=device) - mean) / std
-        timesteps[:, -1] = t
-        actions[:, -1] = 0.0  # placeholder for the action being chosen
-        context = min(t + 1, K)  # prompt grows from 1 to K steps, no padding
-        action = model(states[:, -context:], actions[:, -context:], returns[:, -context:], timesteps[:, -context:],
-                       last_only=True)  # prediction at the last state token
-        actions[:, -1] = action
-        action = action.cpu().numpy()
-        stepped = clock()
-        next_obs, rewards, done = envs.step(live, action)  # every live env steps
-        if timing is not None:
-            timing["forward"] += stepped - start
-            timing["env"] += clock() - stepped
-        done |= t + 1 >= model.episode_len
-        episode_returns[live] += rewards
-        next_rtg = returns[:, -1] - torch.as_tensor(rewards * reward_scale, dtype=torch.float32, device=device)
-        keep = torch.as_tensor(~done, device=device)
-        live, observations = live[~done], next_obs[~done]
-        if len(live) == 0:
-            break
-        # drop finished episodes, shift the window left by one step and append the new return-to-go
-        states, actions, returns, timesteps = (x[keep].roll(-1, dims=1) for x in (states, actions, returns, timesteps))
-        returns[:, -1] = next_rtg[keep]
+    with contextlib.ExitStack() as stack:  # a video is complete only when the rollout is
+        videos = {e: stack.enter_context(EpisodeVideo(path, targets[e], envs.fps))
+                  for e, path in enumerate(() if videos is None else videos) if path}
+        for t in range(model.episode_len):
+            start = clock()
+            states[:, -1] = (torch.as_tensor(observations, dtype=torch.float32, device=device) - mean) / std
+            timesteps[:, -1] = t
+            actions[:, -1] = 0.0  # placeholder for the action being chosen
+            context = min(t + 1, K)  # prompt grows from 1 to K steps, no padding
+            action = model(states[:, -context:], actions[:, -context:], returns[:, -context:],
+                           timesteps[:, -context:], last_only=True)  # prediction at the last state token
+            actions[:, -1] = action
+            action = action.cpu().numpy()
+            stepped = clock()
+            next_obs, rewards, done = envs.step(live, action)  # every live env steps
+            if timing is not None:
+                timing["forward"] += stepped - start
+                timing["env"] += clock() - stepped
+            done |= t + 1 >= model.episode_len
+            episode_returns[live] += rewards
+            filmed = [e for e in live if e in videos] if videos else []
+            if filmed:  # one frame per step, after it, labelled with the return so far
+                for e, frame in zip(filmed, envs.render(np.array(filmed))):
+                    videos[e].add(frame, episode_returns[e])
+            next_rtg = returns[:, -1] - torch.as_tensor(rewards * reward_scale, dtype=torch.float32, device=device)
+            keep = torch.as_tensor(~done, device=device)
+            live, observations = live[~done], next_obs[~done]
+            if len(live) == 0:
+                break
+            # drop finished episodes, shift the window left by one step and append the new return-to-go
+            states, actions, returns, timesteps = (x[keep].roll(-1, dims=1) for x in (states, actions, returns, timesteps))
+            returns[:, -1] = next_rtg[keep]
     return episode_returns
 
 
 def evaluate(model: DecisionTransformer, envs: EvalEnvs, target_returns: Tuple[float, ...],
              eval_episodes: int, eval_seed: int, state_mean: np.ndarray, state_std: np.ndarray,
              reward_scale: float, device: torch.device, worker_rollouts: Optional[bool] = None,
-             timing: Optional[Dict[str, float]] = None) -> Dict[float, np.ndarray]:
+             timing: Optional[Dict[str, float]] = None, video_prefix: Optional[str] = None) -> Dict[float, np.ndarray]:
     """Run eval_episodes episodes per target return, all together. Returns {target: returns [episodes]}.
 
     Episode i of every target starts from reset seed eval_seed + i, whatever the batching or workers.
     With env worker processes, on CPU (worker_rollouts None or True) each worker runs the batched rollout
-    of its episodes with its own copy of the model on its share of the cores (measured: 20% more
-    episode-steps/s than one 2-thread forward pass with the envs stepped by workers); on GPU the model
-    runs here on every live episode and the workers only step the envs.
+    of its episodes with its own copy of the model on its share of the cores; on GPU the model runs here
+    on every live episode and the workers only step the envs.
+    video_prefix: the episodes whose envs render are recorded to <video_prefix>_target<target>_ep<i>.mp4.
     """
     num = eval_episodes * len(target_returns)
     if envs.num_envs < num:
         raise ValueError(f"need {num} envs, got {envs.num_envs}")
     targets = np.repeat(np.asarray(target_returns, dtype=np.float64), eval_episodes)  # episode e -> its target
     seeds = np.tile(np.arange(eval_episodes), len(target_returns)) + eval_seed
+    videos = np.array([f"{video_prefix}_target{targets[e]}_ep{e % eval_episodes}.mp4"  # env e runs episode e
+                       if video_prefix and e in envs.rendered else None for e in range(num)])
     was_training = model.training
     model.eval()
     try:
         if envs.workers and (device.type == "cpu" if worker_rollouts is None else worker_rollouts):
-            returns = envs.rollout(model, targets, seeds, state_mean, state_std, reward_scale, timing=timing)
+            returns = envs.rollout(model, targets, seeds, videos, state_mean, state_std, reward_scale, timing=timing)
         else:
-            returns = rollout(model, envs, targets, seeds, state_mean, state_std, reward_scale, device, timing)
+            returns = rollout(model, envs, targets, seeds, state_mean, state_std, reward_scale, device, timing, videos)
     finally:
         model.train(was_training)
     return {target: returns[targets == target] for target in target_returns}
@@ -1030,12 +1136,20 @@ def format_eval_table(step: int, metrics: Dict[str, float], target_returns: Tupl
         key = f"eval/{target}_normalized_score_mean"
         norm = f"{metrics[key]:.2f} +- {metrics[f'eval/{target}_normalized_score_std']:.2f}" if key in metrics else "n/a"
         lines.append(f"{target:>10}  {ret:>22}  {norm:>24}")
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"  val_loss {metrics['val_loss']:.5f}"] if "val_loss" in metrics else []))
 
 
-# ----------------------------------------------------------------------------------------------
-# Logging: a local run folder (config.yaml, metrics.jsonl) and wandb
-# ----------------------------------------------------------------------------------------------
+def make_eval_envs(config: TrainConfig, env_id: Any) -> EvalEnvs:
+    """The envs of all evaluation episodes; with eval_video, those of each target's first eval_video render."""
+    make = functools.partial(make_env, env_id)  # picklable for env workers
+    if config.eval_video:
+        check_video(make)
+    episodes = config.eval_episodes
+    render = [t * episodes + i for t in range(len(config.target_returns)) for i in range(config.eval_video)]
+    return EvalEnvs(make, episodes * len(config.target_returns), config.eval_workers, render)
+
+
+# --- Logging: a local run folder (config.yaml, metrics.jsonl) and wandb -----------------------
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -1067,6 +1181,12 @@ class RunLogger:
         except Exception as err:  # a bad API key, an unreachable server
             raise UserError(f"wandb could not start ({str(err).splitlines()[0]}); fix the key or set "
                             "WANDB_MODE=offline") from None
+
+    def log_videos(self, paths: List[Path], step: int) -> None:
+        """To wandb only (metrics.jsonl holds numbers), in the row of the step's evaluation: log() commits it."""
+        if paths:
+            self.run.log({"video/" + p.stem.split("_", 1)[1]: self.wandb.Video(str(p), format="mp4") for p in paths},
+                         step=step, commit=False)
 
     def log(self, metrics: Dict[str, float], step: int, commit: bool = True) -> None:
         with open(self.path, "a") as f:
@@ -1111,9 +1231,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints, resume and eval-only
-# ----------------------------------------------------------------------------------------------
+# --- Checkpoints, resume and eval-only --------------------------------------------------------
 CHECKPOINT_KEYS = ("model_state", "state_mean", "state_std", "config", "step", "state_dim", "action_dim")
 RESUME_KEYS = ("optimizer_state", "scheduler_state", "rng", "dataset_transitions", "best_score", "metrics",
                "loss_sum", "loss_count")
@@ -1170,25 +1288,6 @@ def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ..
     return config
 
 
-def rng_states(sampler: "WindowSampler") -> Dict[str, Any]:
-    """Every random stream training draws from: python, numpy, torch (dropout), cuda, the window sampler."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "sampler": sampler.generator.get_state()}
-
-
-def restore_rng_states(states: Dict[str, Any], sampler: "WindowSampler") -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if len(states["sampler"]) == len(sampler.generator.get_state()):
-        sampler.generator.set_state(states["sampler"])
-    else:  # saved on the other device type (CPU and CUDA generators differ): a new stream, seeded from the restored ones
-        sampler.generator.manual_seed(random.getrandbits(63))
-
-
 class StopSignal:
     """SIGINT/SIGTERM set a flag; training finishes the current update, checkpoints and exits.
     A second signal stops at once."""
@@ -1210,11 +1309,7 @@ class StopSignal:
 
 
 class RunStopped(Exception):
-    """Training stopped on a signal after writing a checkpoint; main() exits with this code."""
-
-    def __init__(self, exit_code: int):
-        super().__init__(exit_code)
-        self.exit_code = exit_code
+    """Training stopped on a signal after writing a checkpoint; main() exits with its argument as exit code."""
 
 
 def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
@@ -1226,31 +1321,33 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
                         "or pick a checkpoint of that dataset")
     config = saved_config(cli, checkpoint["config"], allowed=(
         "target_returns", "eval_episodes", "eval_seed", "eval_workers", "device", "eval_env", "ref_min_score",
-        "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint"))
+        "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint", "eval_video"))
     validate_config(config)
     device = resolve_device(config.device)
     eval_env = config.eval_env or checkpoint.get("eval_env_spec") or checkpoint.get("eval_env")  # spec: Minari
     ref_min = _first(config.ref_min_score, checkpoint.get("ref_min_score"))
     ref_max = _first(config.ref_max_score, checkpoint.get("ref_max_score"))
-    envs = EvalEnvs(functools.partial(make_env, eval_env), config.eval_episodes * len(config.target_returns),
-                    config.eval_workers)
-    try:
+    run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+    envs = make_eval_envs(config, eval_env)
+    # videos go to a temporary folder, moved into the run folder after the evaluation
+    with contextlib.closing(envs), tempfile.TemporaryDirectory(prefix="dt-videos-") as videos:
         if (envs.state_dim, envs.action_dim) != (checkpoint["state_dim"], checkpoint["action_dim"]):
             raise UserError(f"the checkpoint is for state/action sizes {checkpoint['state_dim']}/"
                             f"{checkpoint['action_dim']} but env {eval_env} has {envs.state_dim}/{envs.action_dim}")
         model = build_model(config, checkpoint["state_dim"], checkpoint["action_dim"]).to(device)
         model.load_state_dict(checkpoint["model_state"])
-        run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
         results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
-                           checkpoint["state_mean"], checkpoint["state_std"], config.reward_scale, device)
-    finally:
-        envs.close()
-    create_dirs(run_dir)  # only now: an error or Ctrl+C during evaluation leaves nothing behind
+                           checkpoint["state_mean"], checkpoint["state_std"], config.reward_scale, device,
+                           video_prefix=f"{videos}/step{checkpoint['step']}")
+        create_dirs(run_dir, *([run_dir / "videos"] if config.eval_video else []))  # only now: an error or
+        for video in Path(videos).glob("*.mp4"):  # Ctrl+C during evaluation leaves nothing behind
+            shutil.move(str(video), run_dir / "videos" / video.name)
     with open(run_dir / "config.yaml", "w") as f:
         pyrallis.dump(config, f)
     scores = eval_metrics(results, ref_min, ref_max)
     print(format_eval_table(checkpoint["step"], scores, config.target_returns))
     logger = RunLogger(config, run_dir.name, run_dir, job_type="eval")
+    logger.log_videos(sorted((run_dir / "videos").glob("*.mp4")), checkpoint["step"])
     logger.log(scores, step=checkpoint["step"])
     logger.finish()
     return scores
@@ -1273,9 +1370,7 @@ def create_dirs(*dirs: Path) -> None:
                         "checkpoints_path) to a writable folder") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# --- Training ---------------------------------------------------------------------------------
 def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> DecisionTransformer:
     return DecisionTransformer(
         state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
@@ -1326,6 +1421,24 @@ def forward_backward(model: nn.Module, batch: Tuple[torch.Tensor, ...], micro_ba
     return loss
 
 
+def validation_windows(val: OfflineData, seq_len: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """The held-out trajectories cut into consecutive K-step windows (each step predicted once), the same at
+    every evaluation: states, actions, returns, timesteps, mask as WindowSampler gives them."""
+    starts = np.concatenate([np.arange(s, s + n, seq_len) for s, n in zip(val.traj_starts, val.traj_lengths)])
+    return WindowSampler(val, seq_len, device, seed=0).windows(torch.as_tensor(starts, device=device))
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, windows: Tuple[torch.Tensor, ...], chunk: int = 256) -> float:
+    """The training loss (masked action MSE) over the held-out windows, without dropout."""
+    was_training = model.training
+    model.eval()
+    squared = sum(masked_mse(model(*w[:4], padding_mask=w[4]), w[1], w[4], real_entries=1)  # sums of squares
+                  for w in zip(*(x.split(chunk) for x in windows)))
+    model.train(was_training)
+    return squared.item() / (windows[4].sum().item() * windows[1].shape[-1])
+
+
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                    clip_grad: Optional[float]) -> float:
     """Clip, step, advance the schedule; returns the learning rate this update used."""
@@ -1361,6 +1474,171 @@ def resume_point(config: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, A
     return config, checkpoint
 
 
+def training_data(config: TrainConfig, resume: Optional[Dict[str, Any]]
+                  ) -> Tuple[DatasetSource, OfflineData, Optional[OfflineData]]:
+    """The dataset's source, its training trajectories and its held-out ones (None when val_fraction is 0)."""
+    source, raw = load_dataset(config, resolve_dataset(config))
+    raw, val_raw = split_trajectories(raw, config.val_fraction, config.train_seed)
+    data = prepare_data(raw, config.reward_scale)
+    val = None if val_raw is None else prepare_data(val_raw, config.reward_scale, (data.state_mean, data.state_std))
+    longest = max(data.traj_lengths.max(), 0 if val is None else val.traj_lengths.max())
+    if longest > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
+        raise UserError(f"the dataset has a trajectory of {longest} steps, longer than "
+                        f"episode_len={config.episode_len}; raise episode_len")
+    if resume is not None and (resume["dataset_transitions"] != len(data.states)
+                               or not np.array_equal(resume["state_mean"], data.state_mean)):
+        raise UserError(f"the dataset {source.path} is not the one {config.run_dir} was trained on "
+                        f"({resume['dataset_transitions']} transitions then, {len(data.states)} now); "
+                        "restore that file or start a new run")
+    return source, data, val
+
+
+def open_run_dir(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Tuple[Path, Path]:
+    """The run folder and the checkpoint folder, created; a new run writes its config.yaml there."""
+    env_label = config.env_name.replace("/", "-")  # Minari ids have '/'
+    run_dir = Path(config.run_dir or Path(config.runs_dir) /
+                   f"{config.name}-{env_label}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}")
+    config.run_dir = str(run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
+    ckpt_dir = checkpoint_dir(config, run_dir)
+    create_dirs(run_dir, ckpt_dir, *([run_dir / "videos"] if config.eval_video else []))
+    for stale in ckpt_dir.glob("*.pt.tmp-*"):  # a checkpoint write cut off by kill -9
+        stale.unlink()
+    if resume is None:
+        with open(run_dir / "config.yaml.tmp", "w") as f:
+            pyrallis.dump(config, f)
+        os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
+    truncate_metrics(run_dir / "metrics.jsonl", resume["step"] if resume else 0)  # rows after the checkpoint go
+    return run_dir, ckpt_dir
+
+
+@dataclass
+class Run:
+    """A training run: what stays fixed (config, data, eval envs, logger, folders), then what a checkpoint
+    saves and resume restores (model, optimizer, schedule, sampler, running loss, step, best score, metrics)."""
+    config: TrainConfig
+    source: DatasetSource
+    data: OfflineData
+    val: Optional[Tuple[torch.Tensor, ...]]  # the held-out windows of val_loss
+    envs: EvalEnvs
+    logger: RunLogger
+    run_dir: Path
+    ckpt_dir: Path
+    model: DecisionTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: WindowSampler
+    loss_sum: torch.Tensor  # training loss summed over the logging interval, on the device: no sync per step
+    loss_count: int = 0
+    step: int = 0
+    best_score: float = -math.inf
+    metrics: Dict[str, float] = field(default_factory=dict)  # the last logged values
+
+    def restore(self, checkpoint: Dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if len(rng["sampler"]) == len(self.sampler.generator.get_state()):
+            self.sampler.generator.set_state(rng["sampler"])
+        else:  # saved on the other device type (CPU and CUDA generators differ): a new stream, seeded from the restored ones
+            self.sampler.generator.manual_seed(random.getrandbits(63))
+        self.step, self.best_score, self.metrics = checkpoint["step"], checkpoint["best_score"], checkpoint["metrics"]
+        self.loss_sum, self.loss_count = checkpoint["loss_sum"].to(self.loss_sum.device), checkpoint["loss_count"]
+
+    def save(self, *names: str) -> None:
+        """Write the checkpoint files `names` (latest.pt, best.pt)."""
+        data, source = self.data, self.source
+        checkpoint = {
+            "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(), "step": self.step,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "sampler": self.sampler.generator.get_state()},  # every random stream training draws from
+            "state_mean": data.state_mean, "state_std": data.state_std, "state_dim": data.states.shape[1],
+            "action_dim": data.actions.shape[1], "dataset_transitions": len(data.states),
+            "config": asdict(self.config), "eval_env": source.eval_env, "eval_env_spec": source.env_spec,
+            "ref_min_score": source.ref_min_score, "ref_max_score": source.ref_max_score,
+            "wandb_run_id": self.logger.run_id, "best_score": self.best_score, "metrics": self.metrics,
+            "loss_sum": self.loss_sum.detach().cpu(), "loss_count": self.loss_count,
+        }
+        for name in names:
+            atomic_torch_save(checkpoint, self.ckpt_dir / name)
+
+    def check_finite(self, first_bad_step: torch.Tensor) -> None:
+        """Stop at the first update whose loss was NaN/inf, or now if the weights became so."""
+        bad_step = int(first_bad_step.item())
+        if not bad_step and not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            bad_step = self.step  # the loss was finite but the update made the weights NaN/inf
+        if bad_step:
+            last = self.ckpt_dir / "latest.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise UserError(f"the loss became NaN/inf at step {bad_step}; training stopped and {kept}. "
+                            "Lower learning_rate, set clip_grad, or check the dataset")
+
+    def log_training(self, learning_rate: float, commit: bool) -> None:
+        """Log the interval's mean training loss and the learning rate; start a new interval."""
+        self.metrics = {**self.metrics, "train_loss": self.loss_sum.item() / self.loss_count,
+                        "learning_rate": learning_rate}
+        # at an eval step wandb gets this row with the eval row, so a kill during evaluation loses neither
+        self.logger.log({k: self.metrics[k] for k in ("train_loss", "learning_rate")}, step=self.step, commit=commit)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+
+    def evaluate(self) -> None:
+        """Evaluate (returns at every target, videos, val_loss), log, and write latest.pt (and best.pt)."""
+        config, step, videos = self.config, self.step, self.run_dir / "videos"
+        results = evaluate(self.model, self.envs, config.target_returns, config.eval_episodes, config.eval_seed,
+                           self.data.state_mean, self.data.state_std, config.reward_scale, self.loss_sum.device,
+                           video_prefix=str(videos / f"step{step}"))
+        scores = eval_metrics(results, self.source.ref_min_score, self.source.ref_max_score)
+        if self.val is not None:
+            scores["val_loss"] = validation_loss(self.model, self.val)
+        self.logger.log_videos(sorted(videos.glob(f"step{step}_*.mp4")), step)
+        self.logger.log(scores, step=step)
+        self.metrics.update(scores)
+        tqdm.write(format_eval_table(step, scores, config.target_returns))
+        top_target = max(config.target_returns)  # "best" is judged at the highest target, as the tables report
+        score = scores.get(f"eval/{top_target}_normalized_score_mean", scores[f"eval/{top_target}_return_mean"])
+        improved = score > self.best_score
+        self.best_score = max(self.best_score, score)
+        self.save(*(("best.pt", "latest.pt") if improved else ("latest.pt",)))
+
+
+def start_run(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Run:
+    """Load the data, make the eval envs and the run folder, build (or restore) the model and optimizer."""
+    device = resolve_device(config.device)
+    source, data, val = training_data(config, resume)
+    envs = make_eval_envs(config, source.env_spec or source.eval_env)
+    try:
+        if (envs.state_dim, envs.action_dim) != data.states.shape[1:] + data.actions.shape[1:]:
+            raise UserError(f"dataset has state/action sizes {data.states.shape[1]}/{data.actions.shape[1]} but env "
+                            f"{source.eval_env} has {envs.state_dim}/{envs.action_dim}; set eval_env to the env the "
+                            "data came from")
+        run_dir, ckpt_dir = open_run_dir(config, resume)
+    except UserError:
+        envs.close()
+        raise
+    held_out = f"; {len(val.traj_lengths)} trajectories ({len(val.states)} transitions) held out" if val else ""
+    print(f"dataset {source.path or f'{HF_D4RL_REPO} {config.env_name}'}: {len(data.states)} transitions, "
+          f"{len(data.traj_lengths)} trajectories, mean return {data.traj_returns.mean():.1f}{held_out}; "
+          f"eval env {source.eval_env}; device {device}; run {run_dir}")
+    logger = RunLogger(config, run_dir.name, run_dir)
+    set_seed(config.train_seed, config.deterministic_torch)
+    sampler = WindowSampler(data, config.seq_len, device, seed=config.train_seed)
+    model, optimizer, scheduler = build_training(config, data.states.shape[1], data.actions.shape[1], device)
+    run = Run(config, source, data, None if val is None else validation_windows(val, config.seq_len, device), envs,
+              logger, run_dir, ckpt_dir, model, optimizer, scheduler, sampler, torch.zeros((), device=device))
+    if resume is not None:
+        run.restore(resume)
+        print(f"resuming from step {run.step} ({ckpt_dir / 'latest.pt'})")
+    return run
+
+
 def train(config: TrainConfig) -> Dict[str, float]:
     """Train DT on config.env_name's dataset, evaluating and checkpointing every eval_every steps.
 
@@ -1372,152 +1650,51 @@ def train(config: TrainConfig) -> Dict[str, float]:
         print(f"{config.run_dir} has finished all {config.update_steps} steps; nothing to do")
         return resume["metrics"]
     validate_config(config)
-    device = resolve_device(config.device)
-    source = resolve_dataset(config)
-    if config.dataset_source == "hf":
-        raw = load_hf_trajectories(source.path or config.env_name)
-    elif source.minari_id is not None:
-        source, raw = load_minari(source, recover_env=config.eval_env is None)
-    else:
-        if not source.path.exists():
-            download(source.url, source.path)
-        raw = load_d4rl_hdf5(source.path)
-    data = prepare_data(raw, config.reward_scale)
-    state_dim, action_dim = data.states.shape[1], data.actions.shape[1]
-    if data.traj_lengths.max() > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
-        raise UserError(f"the dataset has a trajectory of {data.traj_lengths.max()} steps, longer than "
-                        f"episode_len={config.episode_len}; raise episode_len")
-    if resume is not None and (resume["dataset_transitions"] != len(data.states)
-                               or not np.array_equal(resume["state_mean"], data.state_mean)):
-        raise UserError(f"the dataset {source.path} is not the one {config.run_dir} was trained on "
-                        f"({resume['dataset_transitions']} transitions then, {len(data.states)} now); "
-                        "restore that file or start a new run")
-
-    envs = EvalEnvs(functools.partial(make_env, source.env_spec or source.eval_env),  # picklable for env workers
-                    config.eval_episodes * len(config.target_returns), config.eval_workers)
-    if (envs.state_dim, envs.action_dim) != (state_dim, action_dim):
-        envs.close()
-        raise UserError(f"dataset has state/action sizes {state_dim}/{action_dim} but env {source.eval_env} "
-                        f"has {envs.state_dim}/{envs.action_dim}; set eval_env to the env the data came from")
-
-    env_label = config.env_name.replace("/", "-")  # Minari ids have '/'
-    run_dir = Path(config.run_dir or Path(config.runs_dir) /
-                   f"{config.name}-{env_label}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}")
-    config.run_dir = str(run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
-    ckpt_dir = checkpoint_dir(config, run_dir)
-    try:
-        create_dirs(run_dir, ckpt_dir)
-    except UserError:
-        envs.close()
-        raise
-    for stale in ckpt_dir.glob("*.pt.tmp-*"):  # a checkpoint write cut off by kill -9
-        stale.unlink()
-    if resume is None:
-        with open(run_dir / "config.yaml.tmp", "w") as f:
-            pyrallis.dump(config, f)
-        os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
-    truncate_metrics(run_dir / "metrics.jsonl", resume["step"] if resume else 0)  # rows after the checkpoint go
-    where = source.path or f"{HF_D4RL_REPO} {config.env_name}"
-    print(f"dataset {where}: {len(data.states)} transitions, {len(data.traj_lengths)} trajectories, "
-          f"mean return {data.traj_returns.mean():.1f}; eval env {source.eval_env}; device {device}; run {run_dir}")
-
-    set_seed(config.train_seed, config.deterministic_torch)
-    sampler = WindowSampler(data, config.seq_len, device, seed=config.train_seed)
-    model, optimizer, scheduler = build_training(config, state_dim, action_dim, device)
-    start_step, best_score, metrics = 0, -math.inf, {}
-    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on device: no sync per step
-    if resume is not None:
-        model.load_state_dict(resume["model_state"])
-        optimizer.load_state_dict(resume["optimizer_state"])
-        scheduler.load_state_dict(resume["scheduler_state"])
-        restore_rng_states(resume["rng"], sampler)
-        start_step, best_score, metrics = resume["step"], resume["best_score"], resume["metrics"]
-        loss_sum, loss_count = resume["loss_sum"].to(device), resume["loss_count"]
-        print(f"resuming from step {start_step} ({ckpt_dir / 'latest.pt'})")
-    train_model = torch.compile(model) if config.compile else model  # evaluation runs the eager model
+    run = start_run(config, resume)
+    device = run.loss_sum.device
+    train_model = torch.compile(run.model) if config.compile else run.model  # evaluation runs the eager model
     bf16 = config.bf16 and device.type == "cuda"
     micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else 64)
-    top_target = max(config.target_returns)  # "best" is judged at the highest target, as the tables report
     first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # first step with a NaN/inf loss
-
-    def save_checkpoint(step: int, names: Tuple[str, ...]) -> None:
-        state = {
-            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-            "scheduler_state": scheduler.state_dict(), "step": step, "rng": rng_states(sampler),
-            "state_mean": data.state_mean, "state_std": data.state_std, "state_dim": state_dim,
-            "action_dim": action_dim, "dataset_transitions": len(data.states), "config": asdict(config),
-            "eval_env": source.eval_env, "eval_env_spec": source.env_spec, "ref_min_score": source.ref_min_score, "ref_max_score": source.ref_max_score,
-            "wandb_run_id": logger.run_id, "best_score": best_score, "metrics": metrics,
-            "loss_sum": loss_sum.detach().cpu(), "loss_count": loss_count,
-        }
-        for name in names:
-            atomic_torch_save(state, ckpt_dir / name)
-
-    def check_finite() -> None:
-        bad_step = int(first_bad_step.item())
-        if not bad_step and not all(torch.isfinite(p).all() for p in model.parameters()):
-            bad_step = step  # the loss was finite but the update made the weights NaN/inf
-        if bad_step:
-            last = ckpt_dir / "latest.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise UserError(f"the loss became NaN/inf at step {bad_step}; training stopped and {kept}. "
-                            "Lower learning_rate, set clip_grad, or check the dataset")
-
-    logger = RunLogger(config, run_dir.name, run_dir)
     stop = StopSignal()
     try:
-        progress = tqdm(range(start_step + 1, config.update_steps + 1), initial=start_step,
+        progress = tqdm(range(run.step + 1, config.update_steps + 1), initial=run.step,
                         total=config.update_steps, desc="train", dynamic_ncols=True)
         for step in progress:
-            optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(train_model, sampler.sample(config.batch_size), micro_batch, bf16)
-            learning_rate = optimizer_step(model, optimizer, scheduler, config.clip_grad)
-            loss_sum += loss
-            loss_count += 1
+            run.step = step
+            run.optimizer.zero_grad(set_to_none=True)
+            loss = forward_backward(train_model, run.sampler.sample(config.batch_size), micro_batch, bf16)
+            learning_rate = optimizer_step(run.model, run.optimizer, run.scheduler, config.clip_grad)
+            run.loss_sum += loss
+            run.loss_count += 1
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), step, first_bad_step)
-
             is_eval = step % config.eval_every == 0 or step == config.update_steps
             stop_signal = stop.received  # read once: a signal arriving later in this step is handled next step
             if step % config.log_every == 0 or step == config.update_steps:
-                check_finite()
-                metrics = {**metrics, "train_loss": loss_sum.item() / loss_count, "learning_rate": learning_rate}
-                # at an eval step wandb gets this row with the eval row, so a kill during evaluation loses neither
-                logger.log({k: metrics[k] for k in ("train_loss", "learning_rate")}, step=step, commit=not is_eval)
-                progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{learning_rate:.2e}")
-                loss_sum.zero_()
-                loss_count = 0
-            if is_eval:
-                check_finite()
-                results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
-                                   data.state_mean, data.state_std, config.reward_scale, device)
-                scores = eval_metrics(results, source.ref_min_score, source.ref_max_score)
-                logger.log(scores, step=step)
-                metrics.update(scores)
-                tqdm.write(format_eval_table(step, scores, config.target_returns))
-                score = scores.get(f"eval/{top_target}_normalized_score_mean", scores[f"eval/{top_target}_return_mean"])
-                improved = score > best_score
-                best_score = max(best_score, score)
-                save_checkpoint(step, ("best.pt", "latest.pt") if improved else ("latest.pt",))
-            elif stop_signal is not None:
-                check_finite()
-                save_checkpoint(step, ("latest.pt",))
+                run.check_finite(first_bad_step)
+                run.log_training(learning_rate, commit=not is_eval)
+                progress.set_postfix(loss=f"{run.metrics['train_loss']:.4f}", lr=f"{learning_rate:.2e}")
+            if is_eval or stop_signal is not None:
+                run.check_finite(first_bad_step)
+                if is_eval:
+                    run.evaluate()
+                else:
+                    run.save("latest.pt")
             if stop_signal is not None and step < config.update_steps:
                 progress.close()
-                print(f"stopped at step {step}; checkpoint {ckpt_dir / 'latest.pt'}. Resume with:\n"
-                      f"  python algorithms/dt.py --run_dir {run_dir}")
+                print(f"stopped at step {step}; checkpoint {run.ckpt_dir / 'latest.pt'}. Resume with:\n"
+                      f"  python algorithms/dt.py --run_dir {run.run_dir}")
                 raise RunStopped(130 if stop_signal == signal.SIGINT else 0)
     finally:
         stop.restore()
-        logger.finish()
-        envs.close()
-    print(f"checkpoints: {ckpt_dir / 'latest.pt'} (step {config.update_steps}), {ckpt_dir / 'best.pt'} "
-          f"(best {best_score:.2f} at target {top_target})")
-    return metrics
+        run.logger.finish()
+        run.envs.close()
+    print(f"checkpoints: {run.ckpt_dir / 'latest.pt'} (step {config.update_steps}), {run.ckpt_dir / 'best.pt'} "
+          f"(best {run.best_score:.2f} at target {max(config.target_returns)})")
+    return run.metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+# --- Main -------------------------------------------------------------------------------------
 def parse_config(args: Optional[List[str]] = None) -> TrainConfig:
     """The config from --config_path YAML and command-line fields, with one-line errors."""
     try:
@@ -1541,7 +1718,7 @@ def main(args: Optional[List[str]] = None) -> None:
         else:
             train(config)
     except RunStopped as stopped:
-        sys.exit(stopped.exit_code)
+        sys.exit(stopped.args[0])
     except KeyboardInterrupt:
         print("interrupted; the latest checkpoint is kept (resume with --run_dir <run folder>)", file=sys.stderr)
         sys.exit(130)

@@ -4,6 +4,7 @@ one-episode-at-a-time rollout of the public baseline, on Hopper-v4 with the defa
     python benchmarks/eval_speed.py                      # 100 episodes x 2 targets x 1000 steps
     python benchmarks/eval_speed.py --workers 0 2 4      # also compare env worker processes
     python benchmarks/eval_speed.py --device cuda --workers -1 --json figures.json   # GPU model, env workers
+    python benchmarks/eval_speed.py --video 1            # and the cost of recording 1 episode per target
 
 Prints figures, asserts nothing. The forward/env split of worker rollouts is the mean over the
 workers, which run at the same time; their forward GFLOP/s is that of all workers together.
@@ -14,6 +15,7 @@ simulation and the forward pass cost the same per step as with a model that keep
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +28,8 @@ import dt  # noqa: E402
 from flops import forward_flops, matmul_peak  # noqa: E402
 
 
-def make_long_hopper() -> gym.Env:
-    return dt.make_env("Hopper-v4", terminate_when_unhealthy=False)
+def make_long_hopper(**kwargs) -> gym.Env:
+    return dt.make_env("Hopper-v4", terminate_when_unhealthy=False, **kwargs)
 
 
 @torch.no_grad()
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, -1], help="eval_workers values to time")
     parser.add_argument("--step_workers", action="store_true",
                         help="with workers, also time the GPU's way on CPU: the model here, workers only step envs")
+    parser.add_argument("--video", type=int, default=0,
+                        help="also time each run recording this many episodes per target as mp4 (eval_video)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the figures to this JSON file (benchmarks/gpu_check.sh reads it)")
     args = parser.parse_args()
@@ -92,20 +96,27 @@ def main() -> None:
     single_rates = [time_single()]
     peak = matmul_peak(num * (3 * model.seq_len - 1), model.timestep_emb.embedding_dim, device)
     runs = [(w, None) for w in args.workers] + [(w, False) for w in args.workers if w and args.step_workers]
-    rows = []
+    if args.video:
+        dt.check_video(make_long_hopper)  # as dt.py does before a run: MUJOCO_GL=egl, rendering works
+    render = [t * args.episodes + i for t in range(len(args.targets)) for i in range(args.video)]
+    rows, videos = [], tempfile.TemporaryDirectory()
     for workers, worker_rollouts in runs:
-        envs = dt.EvalEnvs(make_long_hopper, num, workers)
-        timing = {"forward": 0.0, "env": 0.0}
-        start = time.perf_counter()
-        dt.evaluate(model, envs, tuple(args.targets), args.episodes, 42, mean, std, 0.001, device,
-                    worker_rollouts, timing)
-        total = time.perf_counter() - start
-        envs.close()
-        mode = "in-process" if envs.workers == 0 else \
-            "workers step envs" if worker_rollouts is False or device.type != "cpu" else "worker rollouts"
-        rows.append((workers, envs.workers, mode, num * args.horizon / total, timing["forward"] / total,
-                     timing["env"] / total, num * episode_flops / timing["forward"]))
-        print(f"batched, eval_workers={workers} ({mode}): {num * args.horizon} steps in {total:.1f} s", flush=True)
+        for video in ((False, True) if args.video else (False,)):  # without, then with videos
+            envs = dt.EvalEnvs(make_long_hopper, num, workers, render if video else ())
+            timing = {"forward": 0.0, "env": 0.0}
+            start = time.perf_counter()
+            dt.evaluate(model, envs, tuple(args.targets), args.episodes, 42, mean, std, 0.001, device,
+                        worker_rollouts, timing, video_prefix=f"{videos.name}/w{workers}" if video else None)
+            total = time.perf_counter() - start
+            envs.close()
+            mode = "in-process" if envs.workers == 0 else \
+                "workers step envs" if worker_rollouts is False or device.type != "cpu" else "worker rollouts"
+            mode += f", {args.video} video{'s' if args.video > 1 else ''}/target" if video else ""
+            overhead = f" (+{total / rows[-1][-1] - 1:.0%} wall time for the videos)" if video else ""
+            rows.append((workers, envs.workers, mode, num * args.horizon / total, timing["forward"] / total,
+                         timing["env"] / total, num * episode_flops / timing["forward"], total))
+            print(f"batched, eval_workers={workers} ({mode}): {num * args.horizon} steps in {total:.1f} s{overhead}",
+                  flush=True)
     single_rates.append(time_single())  # again: the machine's speed drifts
     single_rate = float(np.mean(single_rates))
 
@@ -114,7 +125,7 @@ def main() -> None:
     print("| eval_workers | evaluation | batched episode-steps/s | one-at-a-time episode-steps/s | ratio | forward "
           "| env step | other | forward GFLOP/s (% of matmul peak) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for workers, used, mode, rate, fwd, env_share, flops in rows:
+    for workers, used, mode, rate, fwd, env_share, flops, _ in rows:
         label = f"{workers} (= {used})" if workers == -1 else str(workers)
         print(f"| {label} | {mode} | {rate:.0f} | {single_rate:.0f} | {rate / single_rate:.1f}x | {fwd:.0%} | "
               f"{env_share:.0%} | {max(0.0, 1 - fwd - env_share):.0%} | {flops / 1e9:.1f} ({flops / peak:.0%}) |")

@@ -7,7 +7,8 @@ them; no wandb needed) and writes to --out:
   results.md    a table per dataset family: last and best score at each run's highest target return,
                 mean +- std over seeds, seed count, and the DT paper / CORL values where known
   results.csv   the same rows
-  curves_<dataset>.png   the learning curves of each dataset (mean and +-std over seeds, each seed faint)
+  curves_<dataset>.png   the learning curves of each dataset (mean and +-std over seeds, each seed faint); when
+                the runs logged val_loss (--val_fraction), a second panel with the training and held-out losses
 
 Score: the D4RL normalized score at the run's highest target return (the number papers report); a run
 logged without reference scores falls back to the return, marked so. "last" is a finished run's final
@@ -81,6 +82,7 @@ class RunResult:
     metric: str = NORMALIZED
     curve: List[Tuple[int, float]] = field(default_factory=list)  # (step, mean score at target) per evaluation
     by_target: Dict[float, List[float]] = field(default_factory=dict)  # every target's score per evaluation
+    losses: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # train_loss, val_loss: [(step, value)]
     data_mean: Optional[float] = None  # the training data's mean episode score, when its file records it
 
 
@@ -158,6 +160,7 @@ def read_run(folder: Path) -> Optional[RunResult]:
     for target in sorted(config.target_returns, reverse=True):
         target_key = key.replace(f"eval/{result.target}_", f"eval/{target}_")
         result.by_target[target] = [float(row[target_key]) for row in rows if target_key in row]
+    result.losses = {k: [(row["step"], float(row[k])) for row in rows if k in row] for k in ("train_loss", "val_loss")}
     result.data_mean = data_mean_score(config, result.metric)
     last_logged = max(row["step"] for row in rows)
     if result.curve and result.curve[-1][0] >= config.update_steps:
@@ -387,7 +390,11 @@ def plot_dataset(dataset: str, groups: List[Group], path: Path, differences: Dic
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    with_val = any(run.losses.get("val_loss") for group in groups for run in group.finished)
+    fig, axes = plt.subplots(1, 2 if with_val else 1, figsize=(12 if with_val else 7, 4.2), dpi=120, squeeze=False)
+    ax = axes[0, 0]
+    if with_val:
+        plot_losses(axes[0, 1], groups)
     metric = groups[0].metric
     for index, group in enumerate(groups):
         color = f"C{index}"
@@ -420,6 +427,24 @@ def plot_dataset(dataset: str, groups: List[Group], path: Path, differences: Dic
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_losses(ax: Any, groups: List[Group]) -> None:
+    """Each config's training loss (dashed) and held-out val_loss (solid, at evaluations), means over seeds."""
+    for index, group in enumerate(groups):
+        for key, style in (("train_loss", "--"), ("val_loss", "-")):
+            curves = [dict(run.losses.get(key, [])) for run in group.finished]
+            steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+            if steps:
+                ax.plot(steps, [np.mean([curve[s] for curve in curves]) for s in steps], color=f"C{index}",
+                        linestyle=style, marker="o" if key == "val_loss" else None, markersize=3,
+                        linewidth=1.8 if key == "val_loss" else 1, label=f"config {group.config_id}: {key}")
+    ax.set_title("action MSE: training batches and held-out trajectories")
+    ax.set_xlabel("update step")
+    ax.set_ylabel("masked action MSE (mean over seeds)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
 
 
 def write_text(path: Path, text: str) -> None:

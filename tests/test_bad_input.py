@@ -93,6 +93,19 @@ def no_network(tmp: Path) -> list:
     return ["--env_name", "walker2d-medium-replay-v2"]
 
 
+def no_offscreen_rendering(tmp: Path) -> list:
+    os.environ["MUJOCO_GL"] = "nonsense"  # restored by the monkeypatch in the test; gymnasium rejects it at render
+    return ["--eval_video", "1"]
+
+
+def eval_only_without_rendering(tmp: Path, checkpoint: Path) -> list:
+    os.environ["MUJOCO_GL"] = "nonsense"
+    return ["--eval_checkpoint", str(checkpoint), "--eval_video", "1"]
+
+
+eval_only_without_rendering.needs_checkpoint = True
+
+
 def hub_rows_with_an_empty_trajectory(tmp: Path) -> list:
     datasets = pytest.importorskip("datasets")
     step = [[0.0] * 11]
@@ -172,6 +185,16 @@ CASES = [
     ("run_dir whose checkpoint cannot resume", run_dir_with(dt.CHECKPOINT_KEYS), [], ["cannot resume", "optimizer_state"]),
     ("checkpoint of another dataset", with_checkpoint("--env_name", "walker2d-medium-v2"), [],
      ["trained on hopper-medium-v2", "walker2d-medium-v2"]),
+    ("negative eval_video", None, ["--eval_video", "-1"], ["eval_video must be in [0, eval_episodes=1]", "-1"]),
+    ("eval_video above eval_episodes", None, ["--eval_video", "2"], ["eval_video must be in [0, eval_episodes=1]"]),
+    ("no offscreen rendering", no_offscreen_rendering, [], ["cannot render offscreen with MUJOCO_GL=nonsense",
+                                                            "apt-get install libegl1"]),
+    ("no offscreen rendering in eval-only", eval_only_without_rendering, [], ["MUJOCO_GL=nonsense", "libgl1-mesa-dri"]),
+    ("val_fraction 1", None, ["--val_fraction", "1.0"], ["val_fraction must be in [0, 1)"]),
+    ("negative val_fraction", None, ["--val_fraction", "-0.1"], ["val_fraction must be in [0, 1)"]),
+    ("val_fraction holding out no trajectory", None, ["--val_fraction", "0.01"],
+     ["9 trajectories holds out 0", "at least one trajectory on each side"]),
+    ("val_fraction holding out every trajectory", None, ["--val_fraction", "0.99"], ["holds out 9"]),
 ]
 
 
@@ -200,6 +223,7 @@ def test_bad_input_is_one_clear_line(name, setup, args, fragments, hopper_file, 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("D4RL_DATASET_DIR", str(hopper_file.parent))
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # no network, whatever the machine
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))  # a setup may change it
     extra = []
     if setup is not None:
         extra = setup(tmp_path, checkpoint) if getattr(setup, "needs_checkpoint", False) else setup(tmp_path)

@@ -134,7 +134,7 @@ def main() -> None:
                    "one_at_a_time_steps_per_s": single_rate, "rows": [
                        {"eval_workers": workers, "workers": used, "mode": mode, "steps_per_s": rate,
                         "ratio": rate / single_rate, "forward": fwd, "env": env_share, "forward_gflops": flops / 1e9}
-                       for workers, used, mode, rate, fwd, env_share, flops in rows]}
+                       for workers, used, mode, rate, fwd, env_share, flops, _ in rows]}
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
 
 

@@ -853,6 +853,8 @@ def check_video(make_env_fn: Callable[..., gym.Env]) -> None:
             raise UserError(f"eval_video needs the {package.split('==')[0]} package: pip install {package}")
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders headless (inherited by the env workers)
+    # Mesa's software GL draws in the calling thread: its helper threads made a 2-thread forward pass 7x slower
+    os.environ.setdefault("LP_NUM_THREADS", "0")
     try:
         env = make_render_env(make_env_fn)
         env.reset(seed=0)

@@ -14,10 +14,12 @@ simulation and the forward pass cost the same per step as with a model that keep
 """
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -54,6 +56,27 @@ def one_at_a_time(model: dt.DecisionTransformer, env: gym.Env, target: float, se
         if terminated or truncated:
             return step + 1
     return T
+
+
+def frame_cost(folder: str, frames: int = 300) -> Tuple[float, float]:
+    """CPU seconds per recorded frame (this process and ffmpeg's): (env step + render, label + mp4 encoding)."""
+    def cpu() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system  # children: ffmpeg, counted once it exits
+
+    env = dt.make_render_env(make_long_hopper)
+    env.reset(seed=0)
+    start, images = cpu(), []
+    for _ in range(frames):
+        env.step(env.action_space.sample())
+        images.append(env.render())
+    rendering = (cpu() - start) / frames
+    env.close()
+    start = cpu()
+    with dt.EpisodeVideo(f"{folder}/cost.mp4", 3600.0, 125) as video:
+        for i, image in enumerate(images):
+            video.add(image, float(i))
+    return rendering, (cpu() - start) / frames
 
 
 def main() -> None:
@@ -112,12 +135,17 @@ def main() -> None:
             mode = "in-process" if envs.workers == 0 else \
                 "workers step envs" if worker_rollouts is False or device.type != "cpu" else "worker rollouts"
             mode += f", {args.video} video{'s' if args.video > 1 else ''}/target" if video else ""
-            overhead = f" (+{total / rows[-1][-1] - 1:.0%} wall time for the videos)" if video else ""
+            overhead = f" ({total / rows[-1][-1] - 1:+.0%} wall time with the videos)" if video else ""
             rows.append((workers, envs.workers, mode, num * args.horizon / total, timing["forward"] / total,
                          timing["env"] / total, num * episode_flops / timing["forward"], total))
             print(f"batched, eval_workers={workers} ({mode}): {num * args.horizon} steps in {total:.1f} s{overhead}",
                   flush=True)
     single_rates.append(time_single())  # again: the machine's speed drifts
+    if args.video:
+        rendering, encoding = frame_cost(videos.name)
+        print(f"\nCPU per recorded frame: {rendering * 1e3:.1f} ms env step + render, {encoding * 1e3:.1f} ms label + "
+              f"encode; {len(render)} videos x {args.horizon} frames = {len(render) * args.horizon * (rendering + encoding):.1f} "
+              "s of CPU per evaluation")
     single_rate = float(np.mean(single_rates))
 
     print(f"\nmatmul peak ({num * (3 * model.seq_len - 1)}x128 @ 128x512, fp32): {peak / 1e9:.1f} GFLOP/s")

@@ -1170,8 +1170,9 @@ class RunLogger:
 
         self.path = run_dir / "metrics.jsonl"
         self.wandb = wandb
-        if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
-            os.environ["WANDB_MODE"] = "offline"
+        # passed to init, not read from the environment: wandb reads it once per process, at its first init
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+        if not os.environ.get("WANDB_MODE") and mode == "offline":
             print(f"wandb: no API key and WANDB_MODE unset, logging offline to {run_dir / 'wandb'} "
                   "(upload later with `wandb sync`)")
         id_file = run_dir / "wandb_run_id"  # a resumed run logs to the same wandb run
@@ -1179,7 +1180,7 @@ class RunLogger:
         id_file.write_text(self.run_id)
         try:
             self.run = wandb.init(project=config.project, group=config.group, name=run_name, job_type=job_type,
-                                  config=asdict(config), dir=str(run_dir), id=self.run_id, resume="allow")
+                                  config=asdict(config), dir=str(run_dir), id=self.run_id, resume="allow", mode=mode)
         except Exception as err:  # a bad API key, an unreachable server
             raise UserError(f"wandb could not start ({str(err).splitlines()[0]}); fix the key or set "
                             "WANDB_MODE=offline") from None

@@ -86,6 +86,19 @@ def test_own_file_and_offline_wandb_without_account(user_env, tmp_path):
                              "eval/1800.0_return_mean", "eval/1800.0_return_std"}
 
 
+def test_wandb_mode_is_read_at_every_run_not_once_per_process(tmp_path, monkeypatch):
+    """wandb caches its environment at the first init: a disabled run must not silence a later offline one."""
+    config = dt.TrainConfig(env_name="hopper-medium-v2")
+    for mode in ("disabled", "offline"):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        (tmp_path / mode).mkdir()
+        logger = dt.RunLogger(config, mode, tmp_path / mode)
+        logger.log({"x": 1.0}, step=1)
+        logger.finish()
+    assert not list((tmp_path / "disabled").glob("wandb/offline-run-*"))
+    assert list((tmp_path / "offline").glob("wandb/offline-run-*/files"))
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

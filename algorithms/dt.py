@@ -13,6 +13,8 @@ import ctypes
 import difflib
 import functools
 import importlib.util
+import inspect
+
 import io
 import json
 import multiprocessing as mp
@@ -51,109 +53,64 @@ from tqdm.auto import tqdm
 class TrainConfig:
     """Every field of the CORL baseline (same names and defaults, device 'auto'), then this project's own."""
 
-    # wandb project name
-    project: str = "CORL"
-    # wandb group name
-    group: str = "DT-D4RL"
-    # wandb run name (the run folder adds env name, seed and a unique suffix)
-    name: str = "DT"
-    # transformer hidden dim
-    embedding_dim: int = 128
-    # depth of the transformer model
-    num_layers: int = 3
-    # number of heads in the attention
-    num_heads: int = 1
-    # maximum sequence length during training (context length K)
-    seq_len: int = 20
-    # maximum rollout length, needed for the positional embeddings
-    episode_len: int = 1000
-    # attention dropout
-    attention_dropout: float = 0.1
-    # residual dropout
-    residual_dropout: float = 0.1
-    # embeddings dropout
-    embedding_dropout: float = 0.1
-    # maximum range for the symmetric actions, [-1, 1]
-    max_action: float = 1.0
+    project: str = "CORL"  # wandb project name
+    group: str = "DT-D4RL"  # wandb group name
+    name: str = "DT"  # wandb run name (the run folder adds env name, seed and a unique suffix)
+    embedding_dim: int = 128  # transformer hidden dim
+    num_layers: int = 3  # depth of the transformer model
+    num_heads: int = 1  # number of heads in the attention
+    seq_len: int = 20  # maximum sequence length during training (context length K)
+    episode_len: int = 1000  # maximum rollout length, needed for the positional embeddings
+    attention_dropout: float = 0.1  # attention dropout
+    residual_dropout: float = 0.1  # residual dropout
+    embedding_dropout: float = 0.1  # embeddings dropout
+    max_action: float = 1.0  # maximum range for the symmetric actions, [-1, 1]
     # training dataset and eval env: D4RL name (hopper-medium-replay-v2, antmaze-umaze-v2) or Minari id, with a '/' (mujoco/hopper/medium-v0)
     env_name: str = "halfcheetah-medium-v2"
-    # AdamW optimizer learning rate
-    learning_rate: float = 1e-4
-    # AdamW optimizer betas
-    betas: Tuple[float, float] = (0.9, 0.999)
-    # AdamW weight decay
-    weight_decay: float = 1e-4
-    # maximum gradient norm during training, optional (null disables clipping)
-    clip_grad: Optional[float] = 0.25
-    # training batch size
-    batch_size: int = 64
-    # total training steps
-    update_steps: int = 100_000
-    # warmup steps for the learning rate scheduler
-    warmup_steps: int = 10_000
-    # reward scaling, to reduce the magnitude
-    reward_scale: float = 0.001
-    # accepted for CORL config compatibility; unused, batches are sampled on device without DataLoader
-    num_workers: int = 4
-    # target return-to-go for the prompting during evaluation, e.g. [3600,1800]
-    target_returns: Tuple[float, ...] = (12000.0, 6000.0)
-    # number of episodes to run during evaluation (per target return)
-    eval_episodes: int = 100
-    # evaluation frequency, will evaluate every eval_every training steps and after the last one
-    eval_every: int = 10_000
-    # folder for checkpoints (latest.pt, best.pt), a subfolder per run; when unset, the run folder
-    checkpoints_path: Optional[str] = None
-    # configure PyTorch to use deterministic algorithms instead of nondeterministic ones
-    deterministic_torch: bool = False
-    # training random seed
-    train_seed: int = 10
-    # evaluation random seed (episode i starts from reset seed eval_seed + i)
-    eval_seed: int = 42
-    # training device: auto (cuda when available), cpu, cuda, cuda:N
-    device: str = "auto"
-    # where env_name's data comes from: d4rl (HDF5 files from D4RL's server) or hf (the Hugging Face Hub copy)
-    dataset_source: str = "d4rl"
+    learning_rate: float = 1e-4  # AdamW optimizer learning rate
+    betas: Tuple[float, float] = (0.9, 0.999)  # AdamW optimizer betas
+    weight_decay: float = 1e-4  # AdamW weight decay
+    clip_grad: Optional[float] = 0.25  # maximum gradient norm during training, optional (null disables clipping)
+    batch_size: int = 64  # training batch size
+    update_steps: int = 100_000  # total training steps
+    warmup_steps: int = 10_000  # warmup steps for the learning rate scheduler
+    reward_scale: float = 0.001  # reward scaling, to reduce the magnitude
+    num_workers: int = 4  # CORL's; unused: batches are sampled on the device without a DataLoader
+    target_returns: Tuple[float, ...] = (12000.0, 6000.0)  # return-to-go prompts of evaluation, e.g. [3600,1800]
+    eval_episodes: int = 100  # number of episodes to run during evaluation (per target return)
+    eval_every: int = 10_000  # evaluate every eval_every training steps and after the last one
+    checkpoints_path: Optional[str] = None  # folder for latest.pt, best.pt: a subfolder per run (unset: the run folder)
+    deterministic_torch: bool = False  # PyTorch's deterministic algorithms instead of nondeterministic ones
+    train_seed: int = 10  # training random seed
+    eval_seed: int = 42  # evaluation random seed (episode i starts from reset seed eval_seed + i)
+    device: str = "auto"  # training device: auto (cuda when available), cpu, cuda, cuda:N
+    dataset_source: str = "d4rl"  # env_name's data from: d4rl (files on D4RL's server) or hf (the Hugging Face Hub copy)
     # data to train on instead of env_name's: a D4RL-layout HDF5 file, or with dataset_source hf a save_to_disk folder
     dataset_path: Optional[str] = None
-    # folder of D4RL files; when unset: $D4RL_DATASET_DIR, else ~/.d4rl/datasets
-    dataset_dir: Optional[str] = None
+    dataset_dir: Optional[str] = None  # folder of D4RL files; when unset: $D4RL_DATASET_DIR, else ~/.d4rl/datasets
     # gymnasium env id for evaluation; when unset: from env_name (Minari: the dataset's eval env), else the HDF5 file's env_id
     eval_env: Optional[str] = None
-    # return of a random policy for the normalized score; when unset: D4RL table or HDF5 attribute
-    ref_min_score: Optional[float] = None
-    # return of an expert policy for the normalized score; when unset: D4RL table or HDF5 attribute
-    ref_max_score: Optional[float] = None
-    # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
-    runs_dir: str = "runs"
-    # torch.compile the model for training (evaluation stays eager: its shapes change every step)
-    compile: bool = False
-    # bf16 autocast for training on CUDA (ignored on CPU)
-    bf16: bool = False
-    # fused AdamW kernel on CUDA (ignored on CPU)
-    fused_adamw: bool = True
-    # windows per forward/backward chunk, gradients summed over the batch; 0: whole batch on GPU, 64 on CPU
-    micro_batch: int = 0
+    ref_min_score: Optional[float] = None  # random policy's return for the normalized score (unset: D4RL's or HDF5's)
+    ref_max_score: Optional[float] = None  # expert policy's return for the normalized score (unset: D4RL's or HDF5's)
+    runs_dir: str = "runs"  # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
+    compile: bool = False  # torch.compile the model for training (evaluation stays eager: its shapes change every step)
+    bf16: bool = False  # bf16 autocast for training on CUDA (ignored on CPU)
+    fused_adamw: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
+    micro_batch: int = 0  # windows per forward/backward chunk, gradients summed; 0: whole batch on GPU, 64 on CPU
     # evaluation worker processes, each with its share of the envs (CPU: and its own batched rollout of them;
     # GPU: they step envs for the model here); 0: in the training process; -1: one per core, at most one per 16 envs
     eval_workers: int = -1
-    # log train_loss (mean over the interval) and learning_rate every log_every steps
-    log_every: int = 100
-    # this run's folder (default: a new one in runs_dir); a folder that holds a run is resumed from its latest.pt
-    run_dir: Optional[str] = None
-    # evaluate this checkpoint (.pt file or run folder) with the eval_* and target_returns given, then exit
-    eval_checkpoint: Optional[str] = None
-    # MLP activation of the transformer blocks: gelu (exact erf GELU, as CORL) or relu (as the DT authors' code)
-    activation: str = "gelu"
-    # attention q/k/v projection init: xavier (CORL: its nn.MultiheadAttention in_proj keeps torch's xavier_uniform_)
-    # or normal (N(0, 0.02) as every other weight, the DT authors' GPT-2)
+    log_every: int = 100  # log train_loss (mean over the interval) and learning_rate every log_every steps
+    run_dir: Optional[str] = None  # this run's folder (default: new in runs_dir); one holding a run resumes from it
+    eval_checkpoint: Optional[str] = None  # evaluate this .pt file or run folder with the eval_* fields given, then exit
+    activation: str = "gelu"  # MLP activation: gelu (exact erf, as CORL) or relu (as the DT authors' code)
+    # q/k/v init: xavier (torch's xavier_uniform_, kept by CORL's nn.MultiheadAttention) or normal (N(0, 0.02), GPT-2)
     attention_init: str = "xavier"
-    # learning rate after warm-up: constant (CORL) or cosine, decaying to 10% at update_steps (the DT authors'
-    # Atari code, from minGPT): the last updates take small steps, so the final weights are not a noisy snapshot
+    # after warm-up: constant (CORL) or cosine to 1/10 at update_steps (DT authors' Atari code): a less noisy last model
     lr_schedule: str = "constant"
-    # record this many episodes of every target at each evaluation as mp4 files in the run's videos/ (0: none)
-    eval_video: int = 0
-    # hold out this fraction of the trajectories (drawn with train_seed) and log val_loss on them (0: train on all)
-    val_fraction: float = 0.0
+    eval_video: int = 0  # episodes of every target recorded to the run's videos/ at each evaluation (0: none)
+    val_fraction: float = 0.0  # fraction of trajectories held out (drawn with train_seed) to log val_loss (0: none)
+
 
 
 class UserError(Exception):
@@ -161,46 +118,39 @@ class UserError(Exception):
 
 
 def validate_config(config: TrainConfig) -> None:
-    positive = ("embedding_dim", "num_layers", "num_heads", "seq_len", "episode_len", "batch_size",
-                "update_steps", "eval_episodes", "eval_every", "log_every")
-    for name in positive:
-        if getattr(config, name) <= 0:
-            raise UserError(f"{name} must be a positive integer, got {getattr(config, name)}")
-    if config.embedding_dim % config.num_heads:
-        raise UserError(f"embedding_dim ({config.embedding_dim}) must be divisible by num_heads ({config.num_heads})")
+    c = config
+    for name in ("embedding_dim", "num_layers", "num_heads", "seq_len", "episode_len", "batch_size", "update_steps",
+                 "eval_episodes", "eval_every", "log_every"):
+        if getattr(c, name) <= 0:
+            raise UserError(f"{name} must be a positive integer, got {getattr(c, name)}")
     for name in ("attention_dropout", "residual_dropout", "embedding_dropout", "val_fraction"):
-        if not 0.0 <= getattr(config, name) < 1.0:
-            raise UserError(f"{name} must be in [0, 1), got {getattr(config, name)}")
-    if config.max_action <= 0 or config.reward_scale <= 0 or config.learning_rate <= 0:
-        raise UserError("max_action, reward_scale and learning_rate must be positive")
-    if not config.target_returns:
-        raise UserError("target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'")
-    if len(set(config.target_returns)) != len(config.target_returns):
-        raise UserError(f"target_returns has repeated values {config.target_returns}; give each target once")
-    if config.micro_batch < 0:
-        raise UserError(f"micro_batch must be >= 0 (0: automatic), got {config.micro_batch}")
-    if config.eval_workers < -1:
-        raise UserError(f"eval_workers must be -1 (auto), 0 (in-process) or a number of processes, got {config.eval_workers}")
-    if config.warmup_steps < 0:
-        raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
-    if config.train_seed < 0 or config.eval_seed < 0:
-        raise UserError(f"train_seed and eval_seed must be >= 0, got {config.train_seed} and {config.eval_seed}")
-    if config.weight_decay < 0 or len(config.betas) != 2 or not all(0.0 <= b < 1.0 for b in config.betas):
-        raise UserError(f"weight_decay must be >= 0 and betas two values in [0, 1), got {config.weight_decay} "
-                        f"and {config.betas}")
-    if config.warmup_steps > config.update_steps:
-        print(f"warning: warmup_steps ({config.warmup_steps}) > update_steps ({config.update_steps}): "
+        if not 0.0 <= getattr(c, name) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {getattr(c, name)}")
+    checks = [  # (holds, what to say when it does not)
+        (c.embedding_dim % c.num_heads == 0, f"embedding_dim ({c.embedding_dim}) must be divisible by num_heads ({c.num_heads})"),
+        (min(c.max_action, c.reward_scale, c.learning_rate) > 0, "max_action, reward_scale and learning_rate must be positive"),
+        (len(c.target_returns) > 0, "target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'"),
+        (len(set(c.target_returns)) == len(c.target_returns),
+         f"target_returns has repeated values {c.target_returns}; give each target once"),
+        (c.micro_batch >= 0, f"micro_batch must be >= 0 (0: automatic), got {c.micro_batch}"),
+        (c.eval_workers >= -1, "eval_workers must be -1 (auto), 0 (in-process) or a number of processes, "
+                               f"got {c.eval_workers}"),
+        (c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}"),
+        (min(c.train_seed, c.eval_seed) >= 0, f"train_seed and eval_seed must be >= 0, got {c.train_seed} and {c.eval_seed}"),
+        (c.weight_decay >= 0 and len(c.betas) == 2 and all(0.0 <= b < 1.0 for b in c.betas),
+         f"weight_decay must be >= 0 and betas two values in [0, 1), got {c.weight_decay} and {c.betas}"),
+        (c.dataset_source in ("d4rl", "hf"), f"dataset_source must be d4rl or hf, got '{c.dataset_source}'"),
+        (c.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got '{c.activation}'"),
+        (c.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got '{c.lr_schedule}'"),
+        (c.attention_init in ("xavier", "normal"), f"attention_init must be xavier or normal, got '{c.attention_init}'"),
+        (0 <= c.eval_video <= c.eval_episodes, f"eval_video must be in [0, eval_episodes={c.eval_episodes}], got {c.eval_video}"),
+    ]
+    for holds, message in checks:
+        if not holds:
+            raise UserError(message)
+    if c.warmup_steps > c.update_steps:
+        print(f"warning: warmup_steps ({c.warmup_steps}) > update_steps ({c.update_steps}): "
               "the learning rate never reaches learning_rate", file=sys.stderr)
-    if config.dataset_source not in ("d4rl", "hf"):
-        raise UserError(f"dataset_source must be d4rl or hf, got '{config.dataset_source}'")
-    if config.activation not in ACTIVATIONS:
-        raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{config.activation}'")
-    if config.lr_schedule not in ("constant", "cosine"):
-        raise UserError(f"lr_schedule must be constant or cosine, got '{config.lr_schedule}'")
-    if config.attention_init not in ("xavier", "normal"):
-        raise UserError(f"attention_init must be xavier or normal, got '{config.attention_init}'")
-    if not 0 <= config.eval_video <= config.eval_episodes:
-        raise UserError(f"eval_video must be in [0, eval_episodes={config.eval_episodes}], got {config.eval_video}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -216,10 +166,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def keep_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of unmapping large blocks (its threshold moves
-    between 128 KB and 32 MB) and trimming the heap at each free: otherwise each forward pass page-faults
-    its activations in afresh, which made a CPU forward pass over 200 eval windows 1.9x slower. The
-    process keeps its peak memory."""
+    """glibc keeps freed blocks for reuse: else each CPU forward pass page-faults its activations in afresh
+    (1.9x slower over 200 eval windows, benchmarks/page_faults.py). The process keeps its peak memory."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         libc = ctypes.CDLL("libc.so.6")
         if not libc.mallopt(-3, 1 << 30):  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap
@@ -417,23 +365,17 @@ def checked_transitions(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.
     for k in ("observations", "actions", "rewards"):
         if not np.isfinite(data[k]).all():
             raise UserError(f"{path}: '{k}' contains NaN or inf values")
-    return {
-        "observations": data["observations"].astype(np.float32).reshape(n, -1),
-        "actions": data["actions"].astype(np.float32).reshape(n, -1),
-        "rewards": data["rewards"].astype(np.float32).reshape(n),
-        "terminals": data["terminals"].astype(bool).reshape(n),
-        "timeouts": data["timeouts"].astype(bool).reshape(n),
-    }
+    return {**{k: data[k].astype(np.float32).reshape(n, -1) for k in ("observations", "actions")},  # [N, dim]
+            "rewards": data["rewards"].astype(np.float32).reshape(n),
+            **{k: data[k].astype(bool).reshape(n) for k in ("terminals", "timeouts")}}
+
 
 
 HF_D4RL_REPO = "edbeeching/decision_transformer_gym_replay"  # D4RL -v2 on the Hugging Face Hub, one row per trajectory
 
 
 def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
-    """D4RL's flat arrays from rows of trajectories (observations, actions, rewards, dones per row).
-
-    source: a config name of HF_D4RL_REPO (e.g. hopper-medium-v2) or the Path of a save_to_disk folder.
-    """
+    """D4RL's flat arrays from a config of HF_D4RL_REPO (hopper-medium-v2) or a save_to_disk folder (a Path)."""
     try:
         import datasets
         import huggingface_hub
@@ -486,8 +428,7 @@ def obs_keys(keys: Any) -> List[str]:
 
 
 def load_minari(source: DatasetSource, recover_env: bool) -> Tuple[DatasetSource, Dict[str, np.ndarray]]:
-    """A Minari dataset (downloaded when missing) as load_d4rl_hdf5's arrays; completes the source with the
-    dataset's eval env (when recover_env) and its reference scores (when still unset)."""
+    """A Minari dataset (downloaded when missing); the source gains its eval env and unset reference scores."""
     try:
         import minari
     except ImportError:
@@ -546,8 +487,7 @@ def load_minari(source: DatasetSource, recover_env: bool) -> Tuple[DatasetSource
 
 
 def load_dataset(config: TrainConfig, source: DatasetSource) -> Tuple[DatasetSource, Dict[str, np.ndarray]]:
-    """config's transitions from wherever `source` says they are: the Hub (dataset_source hf), a Minari dataset
-    (which completes source) or a D4RL-layout HDF5 file, downloaded when missing."""
+    """The transitions, from the Hub, a Minari dataset or a D4RL-layout HDF5 file (downloaded when missing)."""
     if config.dataset_source == "hf":
         return source, load_hf_trajectories(source.path or config.env_name)
     if source.minari_id is not None:
@@ -595,22 +535,15 @@ def prepare_data(raw: Dict[str, np.ndarray], reward_scale: float,
     observations = raw["observations"]
     state_mean, state_std = normalisation or (observations.mean(0, dtype=np.float64).astype(np.float32),
                                               (observations.std(0, dtype=np.float64) + 1e-6).astype(np.float32))
-    return OfflineData(
-        states=(observations - state_mean) / state_std,
-        actions=raw["actions"],
-        returns_to_go=rtg * reward_scale,  # the model sees scaled returns, in training and evaluation
-        traj_starts=starts,
-        traj_lengths=lengths,
-        traj_returns=rtg[starts],
-        state_mean=state_mean,
-        state_std=state_std,
-    )
+    return OfflineData(states=(observations - state_mean) / state_std, actions=raw["actions"],
+                       returns_to_go=rtg * reward_scale,  # the model sees scaled returns, in training and evaluation
+                       traj_starts=starts, traj_lengths=lengths, traj_returns=rtg[starts],
+                       state_mean=state_mean, state_std=state_std)
 
 
 def split_trajectories(raw: Dict[str, np.ndarray], fraction: float,
                        seed: int) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]]]:
-    """(training, held-out) transitions: a random `fraction` of the trajectories, drawn with `seed`, held out
-    whole; both keep the file's order (only the last trajectory may lack an end flag). fraction 0: (raw, None)."""
+    """(training, held-out) transitions: a seeded random `fraction` of whole trajectories held out, file order kept."""
     if fraction == 0:
         return raw, None
     starts, lengths = cut_trajectories(raw["terminals"], raw["timeouts"])
@@ -624,11 +557,8 @@ def split_trajectories(raw: Dict[str, np.ndarray], fraction: float,
 
 
 class WindowSampler:
-    """Samples batches of K-step windows on the training device, the whole batch at once.
-
-    Choosing a trajectory with probability proportional to its length and then a start index
-    uniformly inside it is the same as choosing the start uniformly over all N transitions.
-    """
+    """Batches of K-step windows, sampled on the training device. A start drawn uniformly over all N transitions
+    is CORL's trajectory drawn in proportion to its length, then a start uniformly inside it."""
 
     def __init__(self, data: OfflineData, seq_len: int, device: torch.device, seed: int):
         self.seq_len = seq_len
@@ -669,8 +599,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(embedding_dim, embedding_dim)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], queries: Optional[slice] = None) -> torch.Tensor:
-        """x [B, L, E] -> [B, L, E]; with queries (a slice of the L positions, attn_mask cut to their rows)
-        only the outputs of those positions, [B, Q, E], each query still seeing every key it may."""
+        """x [B, L, E] -> [B, L, E], or only the query positions' outputs [B, Q, E] (attn_mask cut to their rows)."""
         batch, length, dim = x.shape
         head_dim = dim // self.num_heads
         if queries is None:  # [B, L, 3E] -> [3, B, heads, L, E/heads]
@@ -756,13 +685,8 @@ class DecisionTransformer(nn.Module):
     def forward(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
                 timesteps: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 last_only: bool = False) -> torch.Tensor:
-        """states [B,T,S], actions [B,T,A], returns_to_go [B,T], timesteps [B,T], padding_mask [B,T]
-        (True = real step, None = no padding) -> predicted actions [B,T,A].
-
-        last_only: return only the action of the last step, [B,A] (evaluation).
-        Only what the predictions need is computed: the last action token is dropped (causal attention:
-        no state token sees it) and the last block outputs only the state tokens (or the last one).
-        """
+        """states [B,T,S], actions [B,T,A], returns_to_go [B,T], timesteps [B,T], padding_mask [B,T] (True = real
+        step) -> predicted actions [B,T,A], or [B,A] of the last step with last_only (evaluation)."""
         batch, steps = states.shape[:2]
         time_emb = self.timestep_emb(timesteps)  # shared timestep embedding for R, s, a of one step
         tokens = torch.stack([
@@ -791,10 +715,8 @@ class DecisionTransformer(nn.Module):
 
 def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                real_entries: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean squared error over real steps only (the baseline also divides by padded entries).
+    """MSE over real steps only (CORL also counts padded entries); real_entries: the whole batch's, for a chunk."""
 
-    real_entries: the denominator, when this is one chunk of a larger batch (default: this batch's).
-    """
     squared = ((predicted - target) ** 2).sum(-1) * mask
     return squared.sum() / (mask.sum() * target.shape[-1] if real_entries is None else real_entries)
 
@@ -833,8 +755,8 @@ VIDEO_SIZE = 256  # frame width and height in pixels, a multiple of 16 as the mp
 
 
 def make_render_env(make_env_fn: Callable[..., gym.Env]) -> gym.Env:
-    """An eval env that renders rgb_array frames. MuJoCo's shadows, reflections and multisampling are turned
-    off (drawing only, no physics): 5 instead of 80 ms a frame with software OpenGL on this project's CPU."""
+    """An eval env rendering rgb_array frames, without MuJoCo's shadows, reflections and multisampling (drawing
+    only, no physics): 5 instead of 80 ms a frame with software OpenGL here."""
     try:
         env = make_env_fn(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
     except TypeError:  # an env without frame size arguments
@@ -869,8 +791,7 @@ def check_video(make_env_fn: Callable[..., gym.Env]) -> None:
 
 
 class EpisodeVideo:
-    """One episode's mp4 file, each frame labelled with the target and the return so far in its top-left
-    corner; written under a temporary name and renamed when the episode completes."""
+    """One episode's mp4, frames labelled with target and return so far; renamed into place when complete."""
 
     def __init__(self, path: str, target: float, fps: float):
         import imageio
@@ -899,8 +820,7 @@ class EpisodeVideo:
 
 
 def _env_worker(conn: Any, make_env_fn: Callable[..., gym.Env], num_envs: int, threads: int, render: List[int]) -> None:
-    """Holds num_envs envs in a worker process (those in `render` render frames); steps or renders some of
-    them on request, or runs whole rollouts of its episodes with a copy of the model (CPU evaluation)."""
+    """A worker process's envs: it resets, steps or renders them on request, or runs whole rollouts (CPU)."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # sent to the whole process group; the trainer handles them
         signal.signal(sig, signal.SIG_IGN)
     keep_freed_memory()
@@ -931,27 +851,22 @@ def _env_worker(conn: Any, make_env_fn: Callable[..., gym.Env], num_envs: int, t
 
 
 class EvalEnvs:
-    """num_envs evaluation envs, stepped in this process (workers=0) or spread over worker processes.
-
-    Env e lives in worker e % workers (round robin keeps the live episodes spread as others finish).
-    The envs numbered in `render` are made by make_render_env(make_env_fn) and render frames.
-    """
+    """num_envs eval envs, in this process (workers=0) or in worker e % workers (round robin keeps the live
+    episodes spread as others finish); the envs numbered in `render` render frames."""
 
     def __init__(self, make_env_fn: Callable[..., gym.Env], num_envs: int, workers: int = 0, render: Any = ()):
         probe = make_env_fn()
         self.state_dim, self.action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
         self.fps, self.rendered = probe.metadata.get("render_fps", 30), sorted(render)
+        probe.close()
         if workers == -1:  # measured: worth it from ~16 envs a worker
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             workers = min(cores, num_envs // 16)
         self.num_envs, self.workers = num_envs, min(workers, num_envs)
         if self.workers == 0:
-            self.envs = [make_render_env(make_env_fn) if e in self.rendered else probe if e == 0 else make_env_fn()
-                         for e in range(num_envs)]
-            if self.envs[0] is not probe:  # env 0 renders
-                probe.close()
+            self.envs = [make_render_env(make_env_fn) if e in self.rendered else make_env_fn() for e in range(num_envs)]
             return
-        probe.close()
+
         context = mp.get_context("spawn")  # no fork: the parent holds torch threads and maybe CUDA
         self.pipes = []
         for worker in range(self.workers):
@@ -966,10 +881,7 @@ class EvalEnvs:
             pipe.recv()
 
     def _ask(self, command: str, episodes: np.ndarray, data: Any, shared: Tuple[Any, ...] = ()) -> List[Any]:
-        """Send each worker its part of the request, then gather the answers in the order of episodes.
-
-        data: an array with a row per episode, or a tuple of those; shared: values every worker gets.
-        """
+        """Each worker gets its rows of data (an array or tuple of arrays) plus `shared`; answers in episode order."""
         owner = episodes % self.workers
         asked = [w for w in range(self.workers) if (owner == w).any()]
         for w in asked:  # all workers work at the same time
@@ -1033,12 +945,8 @@ class EvalEnvs:
 def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, seeds: np.ndarray,
             state_mean: np.ndarray, state_std: np.ndarray, reward_scale: float, device: torch.device,
             timing: Optional[Dict[str, float]] = None, videos: Optional[np.ndarray] = None) -> np.ndarray:
-    """Episode e runs in env e with target return targets[e] from reset seed seeds[e]; all episodes
-    together, one batched forward pass per env step. Returns the episode returns [episodes].
-
-    timing: if given, seconds spent in the model ("forward") and in env steps ("env") are added to it.
-    videos: an mp4 path per episode, or None for those not recorded (their env must render).
-    """
+    """Episode e runs in env e with target targets[e] from reset seed seeds[e], one batched forward pass a step
+    for all; returns [episodes]. timing gains model and env seconds; videos: an mp4 path (or None) per episode."""
     num, K, S, A = len(targets), model.seq_len, model.state_dim, model.action_dim
     clock = time.perf_counter
     mean = torch.as_tensor(state_mean, device=device)
@@ -1091,14 +999,9 @@ def evaluate(model: DecisionTransformer, envs: EvalEnvs, target_returns: Tuple[f
              eval_episodes: int, eval_seed: int, state_mean: np.ndarray, state_std: np.ndarray,
              reward_scale: float, device: torch.device, worker_rollouts: Optional[bool] = None,
              timing: Optional[Dict[str, float]] = None, video_prefix: Optional[str] = None) -> Dict[float, np.ndarray]:
-    """Run eval_episodes episodes per target return, all together. Returns {target: returns [episodes]}.
-
-    Episode i of every target starts from reset seed eval_seed + i, whatever the batching or workers.
-    With env worker processes, on CPU (worker_rollouts None or True) each worker runs the batched rollout
-    of its episodes with its own copy of the model on its share of the cores; on GPU the model runs here
-    on every live episode and the workers only step the envs.
-    video_prefix: the episodes whose envs render are recorded to <video_prefix>_target<target>_ep<i>.mp4.
-    """
+    """eval_episodes episodes per target, all together -> {target: returns}; episode i starts from reset seed
+    eval_seed + i. With workers on CPU each runs its episodes' rollout with a model copy; on GPU the model runs
+    here and workers step envs. Rendering envs record to <video_prefix>_target<target>_ep<i>.mp4."""
     num = eval_episodes * len(target_returns)
     if envs.num_envs < num:
         raise ValueError(f"need {num} envs, got {envs.num_envs}")
@@ -1163,7 +1066,7 @@ def wandb_has_credentials() -> bool:
 
 
 class RunLogger:
-    """Writes every logged row to run_dir/metrics.jsonl and to wandb (offline without an account)."""
+    """Every row to run_dir/metrics.jsonl and wandb (offline without an account)."""
 
     def __init__(self, config: TrainConfig, run_name: str, run_dir: Path, job_type: str = "train"):
         import wandb  # imported here: wandb is slow to import and only training needs it
@@ -1268,8 +1171,7 @@ def given_fields(args: Optional[List[str]]) -> set:
 
 
 def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ...]) -> TrainConfig:
-    """The saved config, with the fields in `allowed` that the user set applied; other fields the user set
-    are reported as ignored."""
+    """The saved config with the user's values of `allowed` fields; other fields the user set are ignored, loudly."""
     try:
         config = pyrallis.decode(TrainConfig, saved)
     except Exception as err:
@@ -1292,8 +1194,7 @@ def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ..
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; training finishes the current update, checkpoints and exits.
-    A second signal stops at once."""
+    """SIGINT/SIGTERM: finish the update, checkpoint, exit; a second signal stops at once."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -1375,13 +1276,8 @@ def create_dirs(*dirs: Path) -> None:
 
 # --- Training ---------------------------------------------------------------------------------
 def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> DecisionTransformer:
-    return DecisionTransformer(
-        state_dim=state_dim, action_dim=action_dim, seq_len=config.seq_len, episode_len=config.episode_len,
-        embedding_dim=config.embedding_dim, num_layers=config.num_layers, num_heads=config.num_heads,
-        attention_dropout=config.attention_dropout, residual_dropout=config.residual_dropout,
-        embedding_dropout=config.embedding_dropout, max_action=config.max_action, activation=config.activation,
-        attention_init=config.attention_init,
-    )
+    names = inspect.signature(DecisionTransformer).parameters.keys() - {"state_dim", "action_dim"}
+    return DecisionTransformer(state_dim, action_dim, **{name: getattr(config, name) for name in names})
 
 
 def build_training(config: TrainConfig, state_dim: int, action_dim: int,
@@ -1405,16 +1301,11 @@ def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
 
 
 def forward_backward(model: nn.Module, batch: Tuple[torch.Tensor, ...], micro_batch: int, bf16: bool) -> torch.Tensor:
-    """Masked MSE of the batch and its gradient, computed micro_batch windows at a time.
-
-    Each chunk's squared errors are divided by the real entries of the *whole* batch, so the summed
-    gradients equal the full-batch gradient (up to float summation order); small chunks keep the
-    activations in cache on CPU. Returns the batch loss (detached).
-    """
+    """The batch's masked MSE (detached) and its gradient, micro_batch windows at a time (in cache on CPU)."""
     states, actions, returns, timesteps, mask = batch
     real_entries = mask.sum() * actions.shape[-1]
     loss = torch.zeros((), device=states.device)
-    for start in range(0, len(states), micro_batch):
+    for start in range(0, len(states), micro_batch):  # chunks divide by the whole batch's entries: same gradient
         chunk = slice(start, start + micro_batch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):  # matmuls in bf16, loss in fp32
             predicted = model(states[chunk], actions[chunk], returns[chunk], timesteps[chunk], padding_mask=mask[chunk])
@@ -1425,8 +1316,7 @@ def forward_backward(model: nn.Module, batch: Tuple[torch.Tensor, ...], micro_ba
 
 
 def validation_windows(val: OfflineData, seq_len: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
-    """The held-out trajectories cut into consecutive K-step windows (each step predicted once), the same at
-    every evaluation: states, actions, returns, timesteps, mask as WindowSampler gives them."""
+    """The held-out trajectories as consecutive K-step windows (each step once), the same at every evaluation."""
     starts = np.concatenate([np.arange(s, s + n, seq_len) for s, n in zip(val.traj_starts, val.traj_lengths)])
     return WindowSampler(val, seq_len, device, seed=0).windows(torch.as_tensor(starts, device=device))
 
@@ -1516,8 +1406,7 @@ def open_run_dir(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Tuple
 
 @dataclass
 class Run:
-    """A training run: what stays fixed (config, data, eval envs, logger, folders), then what a checkpoint
-    saves and resume restores (model, optimizer, schedule, sampler, running loss, step, best score, metrics)."""
+    """A training run: what stays fixed, then what a checkpoint saves and resume restores."""
     config: TrainConfig
     source: DatasetSource
     data: OfflineData
@@ -1643,11 +1532,9 @@ def start_run(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Run:
 
 
 def train(config: TrainConfig) -> Dict[str, float]:
-    """Train DT on config.env_name's dataset, evaluating and checkpointing every eval_every steps.
+    """Train, evaluate and checkpoint every eval_every steps; a run_dir holding a run resumes it (bit for bit on
+    CPU). Returns the last metrics."""
 
-    A run_dir that already holds a run continues from its latest checkpoint, bit for bit on CPU.
-    Returns the last metrics.
-    """
     config, resume = resume_point(config)
     if resume is not None and resume["step"] >= config.update_steps:
         print(f"{config.run_dir} has finished all {config.update_steps} steps; nothing to do")

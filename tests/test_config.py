@@ -113,6 +113,7 @@ def test_help_lists_every_field_with_default():
     for field in dataclasses.fields(dt.TrainConfig):
         help_text = entries[field.name]
         assert re.search(r"\w \w+ \w+.*\(default: .+\)$", help_text), f"{field.name} lacks help or default: {help_text}"
+        assert "option_strings" not in help_text, f"a '%' in {field.name}'s comment broke argparse's help: {help_text}"
     assert entries["seq_len"].endswith("(context length K) (default: 20)")
     assert entries["device"].endswith("(default: auto)")
 

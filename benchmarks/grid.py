@@ -58,9 +58,7 @@ CONFIGS_ROOT = ROOT / "configs" / "dt"
 RESERVED_FIELDS = ("config_path", "train_seed", "run_dir", "eval_checkpoint")
 # fields a resumed run may change (dt.py's own rule): where it runs, not what it computes
 RESOURCE_FIELDS = ("run_dir", "device", "eval_workers")
-LOG_NAME = "grid.log"
-LOCK_NAME = "grid.lock"
-PLAN_NAME = "grid.json"
+LOG_NAME, LOCK_NAME, PLAN_NAME = "grid.log", "grid.lock", "grid.json"
 STOP_CODES = (0, 130, -signal.SIGTERM, -signal.SIGINT)  # dt.py stopped on a signal (it checkpoints first)
 STALLED_ATTEMPTS = 3  # SLURM attempts in a row without a new checkpoint before a task is no longer requeued
 
@@ -74,12 +72,9 @@ class GridRun:
     config: TrainConfig = field(repr=False)  # what dt.py will parse from args
 
 
-# ----------------------------------------------------------------------------------------------
-# The plan: configs x seeds x overrides
-# ----------------------------------------------------------------------------------------------
+# --- The plan: configs x seeds x overrides ---
 def parse_overrides(pairs: List[str]) -> List[Tuple[str, str]]:
     """KEY=VALUE strings -> (key, value); the value is kept as typed (dt.py parses it, YAML style)."""
-    fields = set(TrainConfig.__dataclass_fields__)
     overrides = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -89,7 +84,7 @@ def parse_overrides(pairs: List[str]) -> List[Tuple[str, str]]:
         if key in RESERVED_FIELDS:
             raise UserError(f"--set {key} is not allowed: the grid sets {', '.join(RESERVED_FIELDS)} itself "
                             "(use --configs and --seeds)")
-        if key not in fields:
+        if key not in TrainConfig.__dataclass_fields__:
             raise UserError(f"--set {key}: TrainConfig has no field '{key}'; `python {DT_SCRIPT} --help` lists them")
         overrides.append((key, value))
     return overrides
@@ -98,33 +93,24 @@ def parse_overrides(pairs: List[str]) -> List[Tuple[str, str]]:
 def config_label(config_path: str) -> str:
     """configs/dt/hopper/medium_v2.yaml -> hopper-medium_v2; any other file -> its stem."""
     path = Path(config_path).resolve()
-    try:
-        relative = path.relative_to(CONFIGS_ROOT)
-    except ValueError:
-        relative = Path(path.name)
-    return "-".join(relative.with_suffix("").parts)
-
-
-def dt_args(config_path: str, seed: int, overrides: List[Tuple[str, str]]) -> List[str]:
-    """The run's dt.py arguments, written --key=value as `wandb agent` writes them, so grid and sweep agree."""
-    return [f"--config_path={config_path}", f"--train_seed={seed}", *(f"--{key}={value}" for key, value in overrides)]
+    return "-".join(path.relative_to(CONFIGS_ROOT).with_suffix("").parts if path.is_relative_to(CONFIGS_ROOT)
+                    else [path.stem])
 
 
 def plan_grid(configs: List[str], seeds: List[int], overrides: List[Tuple[str, str]]) -> List[GridRun]:
-    """Every (config, seed) run, each parsed and validated by dt.py's own code before anything starts."""
-    if not configs or not seeds:
-        raise UserError("give at least one config (--configs) and one seed (--seeds)")
-    runs, seen, shown = [], {}, set()
+    """Every (config, seed) run, each parsed and validated by dt.py's own code before anything starts. Its
+    arguments are written --key=value as `wandb agent` writes them, so grid and sweep agree."""
+    runs, seen, shown = {}, {}, set()
     for config_path in configs:
         label = config_label(config_path)
-        if label in seen and seen[label] != Path(config_path).resolve():
+        if seen.setdefault(label, Path(config_path).resolve()) != Path(config_path).resolve():
             raise UserError(f"{config_path} and {seen[label]} would share the run folders '{label}-seed*'; "
                             "rename one of them")
-        seen[label] = Path(config_path).resolve()
         for seed in seeds:
-            args = dt_args(config_path, seed, overrides)
-            config = parse_config(args)
-            warnings = io.StringIO()
+            if f"{label}-seed{seed}" in runs:  # a config or seed given twice runs once
+                continue
+            args = [f"--config_path={config_path}", f"--train_seed={seed}", *(f"--{k}={v}" for k, v in overrides)]
+            config, warnings = parse_config(args), io.StringIO()
             try:
                 with contextlib.redirect_stderr(warnings):  # dt.py's warnings, shown once per config below
                     validate_config(config)
@@ -134,33 +120,11 @@ def plan_grid(configs: List[str], seeds: List[int], overrides: List[Tuple[str, s
                 if line not in shown:
                     shown.add(line)
                     print(f"{config_path}: {line}", file=sys.stderr)
-            run = GridRun(f"{label}-seed{seed}", config_path, seed, args, config)
-            if run.label not in {r.label for r in runs}:  # a config or seed given twice runs once
-                runs.append(run)
-    return runs
+            runs[f"{label}-seed{seed}"] = GridRun(f"{label}-seed{seed}", config_path, seed, args, config)
+    return list(runs.values())
 
 
-# ----------------------------------------------------------------------------------------------
-# State of a run folder
-# ----------------------------------------------------------------------------------------------
-def checkpoint_step(config: TrainConfig, run_dir: Path) -> Optional[int]:
-    """The step of the run's latest.pt, or None when it has none (or one that cannot be read)."""
-    latest = checkpoint_dir(config, run_dir) / "latest.pt"
-    if not latest.exists():
-        return None
-    try:
-        return int(torch.load(latest, map_location="cpu", weights_only=False)["step"])
-    except Exception:  # a damaged checkpoint: dt.py reports it when it resumes
-        return None
-
-
-def config_conflicts(wanted: TrainConfig, saved: TrainConfig) -> List[str]:
-    """Fields where a run folder's saved config differs from what the grid asks for."""
-    saved_fields = asdict(saved)
-    return [f"{name}: saved {saved_fields[name]!r}, grid {value!r}" for name, value in asdict(wanted).items()
-            if name not in RESOURCE_FIELDS and saved_fields[name] != value]
-
-
+# --- State of a run folder ---
 def run_state(run: GridRun, grid_dir: Path) -> Tuple[str, str]:
     """('done' | 'resume' | 'new' | 'conflict', detail) for the run's folder."""
     run_dir = grid_dir / run.label
@@ -171,32 +135,33 @@ def run_state(run: GridRun, grid_dir: Path) -> Tuple[str, str]:
             saved = pyrallis.load(TrainConfig, f)
     except Exception as err:  # unreadable config.yaml: dt.py says how to fix it when the run starts
         return "resume", f"config.yaml unreadable ({type(err).__name__})"
-    conflicts = config_conflicts(run.config, saved)
+    saved_fields = asdict(saved)
+    conflicts = [f"{name}: saved {saved_fields[name]!r}, grid {value!r}" for name, value in asdict(run.config).items()
+                 if name not in RESOURCE_FIELDS and saved_fields[name] != value]
     if conflicts:
         return "conflict", "its config.yaml differs from the grid's: " + "; ".join(conflicts)
-    step = checkpoint_step(saved, run_dir)
-    if step is not None and step >= saved.update_steps:
+    try:
+        step = int(torch.load(checkpoint_dir(saved, run_dir) / "latest.pt", map_location="cpu",
+                              weights_only=False)["step"])
+    except Exception:  # no latest.pt yet, or a damaged one: dt.py reports that when it resumes
+        step = 0
+    if step >= saved.update_steps:
         return "done", f"step {step}"
-    return "resume", f"from step {step or 0} of {saved.update_steps}"
+    return "resume", f"from step {step} of {saved.update_steps}"
 
 
 def last_logged_step(run_dir: Path) -> int:
     """The step of the last row of metrics.jsonl (0 before the first log)."""
     path = run_dir / "metrics.jsonl"
     for line in reversed(path.read_text().splitlines() if path.exists() else []):
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a row cut off by a crash
             return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):  # a row cut off by a crash
-            continue
     return 0
 
 
 def last_error_line(log: Path) -> str:
     """The line of the run's log that says what went wrong: its `error:` line, else its last line."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
     return (errors or [line for line in lines if not line.startswith("=== ")] or [""])[-1][:300]
 
@@ -204,27 +169,23 @@ def last_error_line(log: Path) -> str:
 def read_plan(grid_dir: Path) -> Dict:
     """grid_dir/grid.json: {"runs": {label: {config_path, train_seed, args}}, "slurm": {label: job id}}."""
     try:
-        plan = json.loads((grid_dir / PLAN_NAME).read_text())
-        return plan if isinstance(plan, dict) else {}
+        return json.loads((grid_dir / PLAN_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
 def write_plan(runs: List[GridRun], grid_dir: Path, jobs: Optional[Dict[str, str]] = None) -> None:
-    """Add the runs (and their SLURM job ids) to grid_dir/grid.json, the record of every run this grid was asked
-    for: benchmarks/report.py lists those that never started, `status` finds their SLURM tasks."""
+    """Add the runs (and their SLURM job ids) to grid.json, the record of every run this grid was asked for:
+    benchmarks/report.py lists those that never started, `status` finds their SLURM tasks."""
     plan = read_plan(grid_dir)
     plan.setdefault("runs", {}).update({run.label: {"config_path": run.config_path, "train_seed": run.seed,
                                                     "args": run.args} for run in runs})
     plan.setdefault("slurm", {}).update(jobs or {})
-    tmp = grid_dir / (PLAN_NAME + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, grid_dir / PLAN_NAME)
+    (grid_dir / (PLAN_NAME + ".tmp")).write_text(json.dumps(plan, indent=1) + "\n")
+    os.replace(grid_dir / (PLAN_NAME + ".tmp"), grid_dir / PLAN_NAME)
 
 
-# ----------------------------------------------------------------------------------------------
-# One run: dt.py in its folder, on this machine or in a SLURM task
-# ----------------------------------------------------------------------------------------------
+# --- One run: dt.py in its folder, on this machine or in a SLURM task ---
 class RunTask:
     """dt.py for one run in its folder, holding the folder's lock (inherited by dt.py, so a second grid or a rerun
     after a killed grid skips the run), its output appended to <folder>/grid.log between a start line and an
@@ -372,9 +333,7 @@ def prepare_grid_dir(runs: List[GridRun], grid_dir: Path) -> None:
         raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# This machine: `parallel` runs at a time, GPUs round robin, CPU cores split
-# ----------------------------------------------------------------------------------------------
+# --- This machine: `parallel` runs at a time, GPUs round robin, CPU cores split ---
 def visible_gpus() -> List[str]:
     """GPU ids runs may use: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -479,9 +438,7 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
     return 1 if failed else 0
 
 
-# ----------------------------------------------------------------------------------------------
-# SLURM: one job array through submitit, one task per run
-# ----------------------------------------------------------------------------------------------
+# --- SLURM: one job array through submitit, one task per run ---
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
           "SIGNALING", "STAGE_OUT", "RESIZING")  # SLURM job states of a task not over yet
 
@@ -666,9 +623,7 @@ def parse_sbatch_option(text: str) -> Tuple[str, object]:
     return key, value if sep else True
 
 
-# ----------------------------------------------------------------------------------------------
-# Status: every run of a grid, from its folder and SLURM
-# ----------------------------------------------------------------------------------------------
+# --- Status: every run of a grid, from its folder and SLURM ---
 def folder_locked(run_dir: Path) -> bool:
     """Whether a process on this machine (a grid, dt.py) holds the run folder's lock: the run is going."""
     if not (run_dir / LOCK_NAME).exists():
@@ -728,9 +683,7 @@ def status(grid_dir: Path) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# wandb sweep
-# ----------------------------------------------------------------------------------------------
+# --- wandb sweep ---
 def sweep_spec(runs: List[GridRun], configs: List[str], seeds: List[int], overrides: List[Tuple[str, str]],
                runs_dir: str, name: str, project: Optional[str]) -> Dict:
     """A wandb sweep (method grid) over config_path x train_seed with the overrides fixed.
@@ -766,9 +719,7 @@ def write_sweep(spec: Dict, out: Path, command_line: str) -> None:
         raise UserError(f"cannot write {out} ({err.strerror or err})") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+# --- Main ---
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)

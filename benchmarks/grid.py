@@ -181,25 +181,27 @@ def write_plan(runs: List[GridRun], grid_dir: Path, jobs: Optional[Dict[str, str
     plan.setdefault("runs", {}).update({run.label: {"config_path": run.config_path, "train_seed": run.seed,
                                                     "args": run.args} for run in runs})
     plan.setdefault("slurm", {}).update(jobs or {})
-    (grid_dir / (PLAN_NAME + ".tmp")).write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(grid_dir / (PLAN_NAME + ".tmp"), grid_dir / PLAN_NAME)
+    try:
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        (grid_dir / (PLAN_NAME + ".tmp")).write_text(json.dumps(plan, indent=1) + "\n")
+        os.replace(grid_dir / (PLAN_NAME + ".tmp"), grid_dir / PLAN_NAME)
+    except OSError as err:
+        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
 
 
 # --- One run: dt.py in its folder, on this machine or in a SLURM task ---
 class RunTask:
     """dt.py for one run in its folder, holding the folder's lock (inherited by dt.py, so a second grid or a rerun
     after a killed grid skips the run), its output appended to <folder>/grid.log between a start line and an
-    outcome line. The local grid starts and polls it; on SLURM each array task calls it, and submitit calls
-    checkpoint() on SLURM's time-limit warning. Standard library only: submitit pickles it by value, so a task
-    runs it without importing torch or this file."""
+    outcome line. The local grid starts and polls it; each SLURM array task calls it. Standard library only:
+    submitit pickles it by value, so a task runs it without importing torch or this file."""
 
     def __init__(self, label: str, command: List[str], run_dir: Path, latest: Path, env: Dict[str, str],
                  update_steps: int):
         self.label, self.command, self.env, self.update_steps = label, command, env, update_steps
         self.run_dir, self.log, self.latest, self.cwd = str(run_dir), str(run_dir / LOG_NAME), str(latest), os.getcwd()
         self.process = self.lock = self.checkpointed = None
-        self.started, self.signals_sent = 0.0, 0
-        self.stalled = 0  # SLURM attempts in a row that left latest.pt as it was
+        self.started, self.stalled = 0.0, 0  # stalled: SLURM attempts in a row that left latest.pt as it was
 
     def note(self, text: str) -> None:
         with open(self.log, "a") as log:
@@ -280,10 +282,9 @@ class RunTask:
             why = ("dt.py failed" if outcome.startswith("FAILED") else
                    f"{self.stalled} attempts in a row wrote no checkpoint; raise --time"
                    if self.stalled >= STALLED_ATTEMPTS else "")
-            if why:
-                self.note(f": FAILED, not requeued: {why}")
             print(f"{self.label}: {outcome}; {'not requeued: ' + why if why else 'requeued'}", flush=True)
             if why:
+                self.note(f": FAILED, not requeued: {why}")
                 return None
         self.process = self.lock = None  # neither is pickled for the requeued task
         return submitit.helpers.DelayedSubmission(self)
@@ -292,28 +293,17 @@ class RunTask:
         return os.stat(self.latest).st_mtime if os.path.exists(self.latest) else None
 
 
-def make_task(run: GridRun, grid_dir: Path, env: Dict[str, str], extra: List[str]) -> RunTask:
+def make_task(run: GridRun, grid_dir: Path, threads: int, gpu: Optional[str], overrides: Dict[str, str]) -> RunTask:
+    """The run's task: `threads` torch threads and, unless --set eval_workers, as many env workers (the run's share of
+    what eval_workers -1 would take), on GPU `gpu` if given."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    if gpu is not None and run.config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     run_dir = grid_dir / run.label
-    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args, *extra, f"--run_dir={run_dir}"]
-    return RunTask(run.label, command, run_dir, checkpoint_dir(run.config, run_dir) / "latest.pt",
-                   {**env, "PYTHONUNBUFFERED": "1"}, run.config.update_steps)
-
-
-def run_resources(slot: int, parallel: int, config: TrainConfig, gpus: List[str], cores: int,
-                  overrides: Dict[str, str]) -> Tuple[Dict[str, str], List[str], str]:
-    """(environment, extra dt.py arguments, description) for the run in worker slot `slot`."""
-    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    described = [f"{threads} thread{'s' if threads > 1 else ''}"]
-    if gpus and config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
-        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        described.append(f"GPU {env['CUDA_VISIBLE_DEVICES']}")
-    args = []
-    if "eval_workers" not in overrides:
-        # the run's share of what eval_workers -1 would take: one env worker per core it has
-        args.append(f"--eval_workers={threads}")
-        described.append(f"eval_workers {threads}")
-    return env, args, ", ".join(described)
+    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args,
+               *([] if "eval_workers" in overrides else [f"--eval_workers={threads}"]), f"--run_dir={run_dir}"]
+    return RunTask(run.label, command, run_dir, checkpoint_dir(run.config, run_dir) / "latest.pt", env,
+                   run.config.update_steps)
 
 
 def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
@@ -325,27 +315,7 @@ def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
     return states
 
 
-def prepare_grid_dir(runs: List[GridRun], grid_dir: Path) -> None:
-    try:
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        write_plan(runs, grid_dir)
-    except OSError as err:
-        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
-
-
 # --- This machine: `parallel` runs at a time, GPUs round robin, CPU cores split ---
-def visible_gpus() -> List[str]:
-    """GPU ids runs may use: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [gpu.strip() for gpu in listed.split(",") if gpu.strip() and gpu.strip() != "-1"]
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: float, overrides: Dict[str, str],
              dry_run: bool = False) -> int:
     """Run every unfinished run, `parallel` at a time. Returns the exit code: 0 all finished, 1 a run failed,
@@ -354,32 +324,35 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
         raise UserError(f"--parallel must be at least 1, got {parallel}")
     states = triage(runs, grid_dir)
     pending = [run for run in runs if states[run.label][0] in ("new", "resume")]
-    outcomes = {label: "finished" for label, (state, _) in states.items() if state == "done"}
-    outcomes.update({label: f"FAILED not started: {detail}; use another --grid_dir or move {grid_dir / label} away"
-                     for label, (state, detail) in states.items() if state == "conflict"})
+    outcomes = {label: "finished" if state == "done" else
+                f"FAILED not started: {detail}; use another --grid_dir or move {grid_dir / label} away"
+                for label, (state, detail) in states.items() if state in ("done", "conflict")}
     parallel = min(parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
-    gpus, cores = visible_gpus(), cpu_cores()
-    print(f"; {parallel} at a time on {len(gpus)} GPU(s) and {cores} CPU core(s)", flush=True)
-    for label, outcome in outcomes.items():
-        if outcome.startswith("FAILED"):
-            print(f"  {label}: {outcome[7:]}", flush=True)
+    gpus = [gpu.strip() for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip() not in ("", "-1")] \
+        if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(torch.cuda.device_count())]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
+    print(f"; {parallel} at a time on {len(gpus)} GPU(s) and {cores} CPU core(s), {threads} thread(s)"
+          f"{'' if 'eval_workers' in overrides else f' and eval_workers {threads}'} each", flush=True)
+    print("".join(f"  {label}: {outcome[7:]}\n" for label, outcome in outcomes.items() if outcome[:6] == "FAILED"),
+          end="", flush=True)
+    gpu = (lambda slot: gpus[slot % len(gpus)]) if gpus else (lambda slot: None)
     if dry_run:
-        for slot, run in enumerate(pending):
-            env, extra, _ = run_resources(slot % parallel, parallel, run.config, gpus, cores, overrides)
-            print(f"  [{states[run.label][0]}] {' '.join(f'{k}={v}' for k, v in env.items())} python {DT_SCRIPT} "
-                  f"{' '.join(run.args + extra)} --run_dir={grid_dir / run.label}")
+        for task in [make_task(run, grid_dir, threads, gpu(i % parallel), overrides) for i, run in enumerate(pending)]:
+            print(f"  [{states[task.label][0]}] {' '.join(f'{k}={v}' for k, v in task.env.items())} "
+                  f"{' '.join(task.command)}")
         return int(any(outcome.startswith("FAILED") for outcome in outcomes.values()))
-    prepare_grid_dir(runs, grid_dir)
+    write_plan(runs, grid_dir)
     signals: List[int] = []  # received; the main loop forwards each one once to every running run
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     running: Dict[int, RunTask] = {}  # worker slot -> its run
-    last_status, announced = time.monotonic(), 0
+    last_status, forwarded = time.monotonic(), 0
 
-    def counts() -> str:
-        failed = sum(outcome.startswith("FAILED") for outcome in outcomes.values())
-        return (f"[{sum(outcome.startswith('finished') for outcome in outcomes.values())} done, {len(running)} "
-                f"running, {failed} failed, {len(pending)} waiting]")
+    def say(text: str, counts: bool = False) -> None:
+        done, failed = (sum(o.startswith(word) for o in outcomes.values()) for word in ("finished", "FAILED"))
+        print(f"[{time.strftime('%H:%M:%S')}] {text}" + (f"  [{done} done, {len(running)} running, {failed} failed, "
+                                                          f"{len(pending)} waiting]" if counts else ""), flush=True)
 
     try:
         while (pending and not signals) or running:
@@ -387,55 +360,46 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
                 if not pending or signals:
                     break
                 run = pending.pop(0)
-                env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
-                task = make_task(run, grid_dir, env, extra)
+                task = make_task(run, grid_dir, threads, gpu(slot), overrides)
                 if not task.start():
                     reason = f"{task.run_dir} is in use by another process (a run still going?)"
                     outcomes[run.label] = f"FAILED not started: {reason}"
-                    print(f"[{time.strftime('%H:%M:%S')}] skipped {run.label}: {reason}", flush=True)
+                    say(f"skipped {run.label}: {reason}")
                     continue
-                running[slot] = task
-                print(f"[{time.strftime('%H:%M:%S')}] {'resuming' if states[run.label][0] == 'resume' else 'starting'} "
-                      f"{run.label} ({described}; log {task.log})", flush=True)
-            for task in running.values():
-                for sig in signals[task.signals_sent:]:
-                    with contextlib.suppress(ProcessLookupError):  # it has just exited
-                        task.process.send_signal(sig)
-                task.signals_sent = len(signals)
-            if len(signals) > announced:
-                announced = len(signals)
-                print(f"[{time.strftime('%H:%M:%S')}] {signal.Signals(signals[-1]).name}: asked {len(running)} run(s) "
-                      "to " + ("checkpoint and stop; waiting for them (send again to stop them at once)"
-                               if announced == 1 else "stop at once"), flush=True)
+                running[slot], on_gpu = task, task.env.get("CUDA_VISIBLE_DEVICES")
+                say(f"{'resuming' if states[run.label][0] == 'resume' else 'starting'} {run.label} "
+                    f"({f'GPU {on_gpu}; ' if on_gpu else ''}log {task.log})")
+            while forwarded < len(signals):
+                for task in running.values():
+                    task.process.send_signal(signals[forwarded])  # Popen skips a process that has exited
+                say(f"{signal.Signals(signals[forwarded]).name}: asked {len(running)} run(s) to " + (
+                    "stop at once" if forwarded else "checkpoint and stop; waiting for them (send again to stop them "
+                    "at once)"))
+                forwarded += 1
             time.sleep(0.2)
             for slot, task in list(running.items()):
                 if task.process.poll() is not None:
                     del running[slot]
                     outcomes[task.label] = outcome = task.finish(task.process.returncode)
                     verb, _, rest = outcome.partition(" ")
-                    print(f"[{time.strftime('%H:%M:%S')}] {verb} {task.label} {rest}  {counts()}", flush=True)
+                    say(f"{verb} {task.label} {rest}", counts=True)
             if running and time.monotonic() - last_status >= status_every:
                 last_status = time.monotonic()
-                progress = ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/{task.update_steps}"
-                                     for task in running.values())
-                print(f"[{time.strftime('%H:%M:%S')}] running: {progress}  {counts()}", flush=True)
+                say("running: " + ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/"
+                                            f"{task.update_steps}" for task in running.values()), counts=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
     failed = {label: outcome[7:] for label, outcome in outcomes.items() if outcome.startswith("FAILED")}
     stopped = [label for label, outcome in outcomes.items() if outcome.startswith("stopped")]
-    not_started = [run.label for run in pending]
-    print(f"grid {grid_dir}: {len(runs) - len(failed) - len(stopped) - len(not_started)} of {len(runs)} runs "
-          f"finished, {len(failed)} failed, {len(stopped) + len(not_started)} not finished", flush=True)
-    for label, reason in failed.items():
-        print(f"  FAILED {label}: {reason}", flush=True)
-    if stopped or not_started:
-        print(f"  stopped: {', '.join(stopped) or '-'}; not started: {', '.join(not_started) or '-'}; "
-              "the same command continues them", flush=True)
-    if signals:
-        return 128 + signals[0]  # 130 for Ctrl+C, as dt.py
-    return 1 if failed else 0
+    print(f"grid {grid_dir}: {len(runs) - len(failed) - len(stopped) - len(pending)} of {len(runs)} runs "
+          f"finished, {len(failed)} failed, {len(stopped) + len(pending)} not finished", flush=True)
+    print("".join(f"  FAILED {label}: {reason}\n" for label, reason in failed.items()), end="", flush=True)
+    if stopped or pending:
+        print(f"  stopped: {', '.join(stopped) or '-'}; not started: {', '.join(run.label for run in pending) or '-'};"
+              " the same command continues them", flush=True)
+    return 128 + signals[0] if signals else int(bool(failed))  # 128 + 2 = 130 for Ctrl+C, as dt.py
 
 
 # --- SLURM: one job array through submitit, one task per run ---
@@ -570,8 +534,7 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
         print(f"  {label}: already queued as SLURM job {job}, not submitted again")
     todo = [run for run in runs if states[run.label][0] != "done" and run.label not in queued]
     minutes = check_slurm(todo, args)
-    tasks = [make_task(run, grid_dir, *run_resources(0, 1, run.config, [], args.cpus_per_task, overrides)[:2])
-             for run in todo]  # SLURM gives each task its GPUs (CUDA_VISIBLE_DEVICES)
+    tasks = [make_task(run, grid_dir, args.cpus_per_task, None, overrides) for run in todo]  # SLURM sets the GPUs
     if not tasks or args.dry_run:
         for task in tasks:
             print(f"  {' '.join(f'{k}={v}' for k, v in task.env.items())} {' '.join(task.command)}")

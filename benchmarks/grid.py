@@ -433,20 +433,18 @@ def slurm_minutes(text: str) -> Optional[int]:
 
 
 def seconds_per_update(config: TrainConfig, threads: int, device: str) -> float:
-    """dt.py's update of the config's model on a synthetic 17-dim-state dataset, timed here by
-    benchmarks/train_speed.py: 1 update after a warm-up one, the mean of 4 more when that took under 0.1 s."""
+    """dt.py's update of the config's model on a synthetic 17-dim-state dataset, timed by benchmarks/train_speed.py:
+    1 update after a warm-up one, the mean of 4 more when that took under 0.1 s."""
     from train_speed import time_updates, write_synthetic_d4rl
 
     with tempfile.TemporaryDirectory() as folder:
         write_synthetic_d4rl(Path(folder) / "data.hdf5", 5_000)
         data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), config.reward_scale)
-    previous = torch.get_num_threads()
+    previous, config = torch.get_num_threads(), replace(config, compile=False)
     torch.set_num_threads(threads)
     try:
-        seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 1, 1)[1].sum())
-        if seconds < 0.1:
-            seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 4, 1)[1].sum())
-        return seconds
+        seconds = float(time_updates(config, data, torch.device(device), 1, 1)[1].sum())
+        return seconds if seconds >= 0.1 else float(time_updates(config, data, torch.device(device), 4, 1)[1].sum())
     finally:
         torch.set_num_threads(previous)
 
@@ -521,7 +519,13 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
         import submitit
     except ImportError as err:
         raise UserError(f"--executor slurm needs {err.name}: pip install -r requirements-dev.txt") from None
-    sbatch = dict(parse_sbatch_option(option) for option in args.sbatch)
+    sbatch = {}
+    for option in args.sbatch:  # account=abc -> --account=abc, exclusive -> --exclusive
+        key, sep, value = option.strip().lstrip("-").partition("=")
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+            raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. --sbatch "
+                            f"account=abc --sbatch exclusive), got '{option}'")
+        sbatch[key] = value if sep else True
     states, plan = triage(runs, grid_dir), read_plan(grid_dir).get("runs", {})
     print(flush=True)
     other = [f"{label}: {detail}" for label, (state, detail) in states.items() if state == "conflict"] + \
@@ -537,7 +541,8 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
     tasks = [make_task(run, grid_dir, args.cpus_per_task, None, overrides) for run in todo]  # SLURM sets the GPUs
     if not tasks or args.dry_run:
         for task in tasks:
-            print(f"  {' '.join(f'{k}={v}' for k, v in task.env.items())} {' '.join(task.command)}")
+            print(f"  [{states[task.label][0]}] {' '.join(f'{k}={v}' for k, v in task.env.items())} "
+                  f"{' '.join(task.command)}")
         print("nothing to submit" if not tasks else "dry run: nothing submitted")
         return 0
     if __name__ != "__main__":  # imported (tests): RunTask is still pickled by value, tasks do not import this file
@@ -577,28 +582,15 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
     return 0
 
 
-def parse_sbatch_option(text: str) -> Tuple[str, object]:
-    """--sbatch account=abc / --sbatch exclusive -> ("account", "abc") / ("exclusive", True)."""
-    key, sep, value = text.strip().lstrip("-").partition("=")
-    if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
-        raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. --sbatch "
-                        f"account=abc --sbatch exclusive), got '{text}'")
-    return key, value if sep else True
-
-
 # --- Status: every run of a grid, from its folder and SLURM ---
 def folder_locked(run_dir: Path) -> bool:
     """Whether a process on this machine (a grid, dt.py) holds the run folder's lock: the run is going."""
-    if not (run_dir / LOCK_NAME).exists():
-        return False
     try:
-        with open(run_dir / LOCK_NAME, "a") as handle:
+        with open(run_dir / LOCK_NAME) as handle:  # read-only: no lock file is made where there is none
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
         return False
-    return False
+    except OSError as err:  # no lock file, or no flock on this file system: not locked
+        return isinstance(err, BlockingIOError)
 
 
 def status(grid_dir: Path) -> int:
@@ -613,28 +605,29 @@ def status(grid_dir: Path) -> int:
     queue, rows = queued_tasks(grid_dir), []
     for label in labels:
         run_dir, log = grid_dir / label, grid_dir / label / LOG_NAME
-        result = read_run(run_dir) if run_dir.is_dir() else None
+        result = read_run(run_dir)  # None only for an eval-only folder
         job, queued, reason = queue.get(label, (plan.get("slurm", {}).get(label, "-"), "", ""))
         last = ([line for line in log.read_text(errors="replace").splitlines() if line.startswith("=== ")] or [""]
                 )[-1].partition(" grid")[2] if log.exists() else ""
-        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or (run_dir.is_dir() and folder_locked(run_dir)):
+        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or folder_locked(run_dir):
             state, note = "running", ""
         elif queued in ACTIVE:
             state, note = "pending", f"{queued.lower()}{f' ({reason})' if reason else ''}"
-        elif result is not None and result.status == "finished":
+        elif result and result.status == "finished":
             state, note = "done", ""
         elif ": FAILED" in last:
             state, note = "failed", last.partition(": ")[2]
+        elif last:
+            state, note = "stopped", "the grid command resumes it" if "stopped" in last else \
+                "ended without an outcome line (killed)"
         else:
-            state = "stopped" if last else "pending"
-            note = ("the grid command resumes it" if "stopped" in last else "ended without an outcome line (killed)"
-                    ) if last else "not queued: the grid command starts it"
+            state, note = "pending", "not queued: the grid command starts it"
         if queued and queued not in ACTIVE + ("COMPLETED",) and (queued, state) != ("FAILED", "failed"):
             note = f"SLURM {queued}; {note}"  # TIMEOUT, CANCELLED, PREEMPTED, NODE_FAIL, OUT_OF_MEMORY, ...
         step = f"{last_logged_step(run_dir)}/{yaml.safe_load((run_dir / 'config.yaml').read_text())['update_steps']}" \
             if (run_dir / "config.yaml").exists() else "-"
-        score = f"{result.curve[-1][1]:.2f}" if result is not None and result.curve else "-"
-        target = f"{result.target:g}" if result is not None and result.target is not None else "-"
+        score = f"{result.curve[-1][1]:.2f}" if result and result.curve else "-"
+        target = f"{result.target:g}" if result and result.target is not None else "-"
         config, _, seed = label.rpartition("-seed")
         rows.append([config, seed, state, step, score, target, job, note])
     header = ["config", "seed", "state", "step", "last score", "target", "SLURM job", "note"]

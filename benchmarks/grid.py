@@ -1,22 +1,16 @@
 """Run a grid of DT runs (configs x seeds, with field overrides) on this machine or as one SLURM job array, see
-where its runs stand, or write it as a wandb sweep.
-
-Each run gets the folder <grid_dir>/<config label>-seed<k>, so the same command skips finished runs and resumes
-unfinished ones (algorithms/dt.py --run_dir does both):
+where its runs stand, or write it as a wandb sweep. Each run gets the folder <grid_dir>/<config label>-seed<k>
+(configs/dt/hopper/medium_v2.yaml -> hopper-medium_v2; a config elsewhere: its file's stem), so the same command
+skips finished runs and resumes unfinished ones (algorithms/dt.py --run_dir does both):
 
     python benchmarks/grid.py run --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 \\
         --grid_dir runs/grid-hopper --parallel 2 [--set update_steps=50000 --set eval_episodes=10]
     python benchmarks/grid.py run ... --executor slurm --time 12:00:00 [--partition gpu --gpus_per_task 1]
     python benchmarks/grid.py status --grid_dir runs/grid-hopper
+    python benchmarks/report.py runs/grid-hopper
+    python benchmarks/grid.py sweep --configs ... --seeds ... --out sweeps/hopper.yaml   # machines without SLURM:
+    wandb sweep sweeps/hopper.yaml; wandb agent <entity>/<project>/<id>   # the agent on each machine, from the repo
 
-Many machines without SLURM: the same grid as a wandb sweep (method grid over config_path x train_seed):
-
-    python benchmarks/grid.py sweep --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 --out sweeps/hopper.yaml
-    wandb sweep sweeps/hopper.yaml          # prints the sweep id: <entity>/<project>/<id>
-    wandb agent <entity>/<project>/<id>     # on each machine, from the repository root
-
-The config label is the config's path under configs/dt with '/' -> '-' (configs/dt/hopper/medium_v2.yaml ->
-hopper-medium_v2), or the file's stem for a config elsewhere. Then `python benchmarks/report.py <grid_dir>`.
 SLURM, preemption and sweeps on a cluster: docs/cluster.md.
 """
 import argparse
@@ -159,13 +153,6 @@ def last_logged_step(run_dir: Path) -> int:
     return 0
 
 
-def last_error_line(log: Path) -> str:
-    """The line of the run's log that says what went wrong: its `error:` line, else its last line."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
-    return (errors or [line for line in lines if not line.startswith("=== ")] or [""])[-1][:300]
-
-
 def read_plan(grid_dir: Path) -> Dict:
     """grid_dir/grid.json: {"runs": {label: {config_path, train_seed, args}}, "slurm": {label: job id}}."""
     try:
@@ -227,18 +214,16 @@ class RunTask:
         job = job or os.environ.get("SLURM_JOB_ID")  # submitit submits a lone task as a plain job
         self.note(f"{f' (SLURM job {job})' if job else ''}: {' '.join(self.command)}")
         with open(self.log, "a") as log:
-            # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once (dt.py takes a second
-            # one as "stop at once"); SIGUSR2 ignored: SLURM sends its time-limit warning to every process of the
-            # task, and checkpoint() answers it for dt.py; pass_fds: dt.py holds the lock too
+            # own session: Ctrl+C reaches only the grid, which forwards it once (a second one stops dt.py at once);
+            # SIGUSR2 ignored: SLURM's time-limit warning reaches every process, checkpoint() answers it for dt.py
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.cwd,
-                start_new_session=True, pass_fds=(self.lock.fileno(),),
+                start_new_session=True, pass_fds=(self.lock.fileno(),),  # dt.py holds the lock too
                 preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
         return True
 
     def finish(self, code: int) -> str:
-        """Note how dt.py ended (exit code `code`) in grid.log and release the folder: 'finished in ...',
-        'stopped after ...' or 'FAILED after ...'."""
+        """Note how dt.py ended in grid.log, release the folder: 'finished in', 'stopped after' or 'FAILED after'."""
         took = time.time() - self.started
         took = f"{int(took // 60)}m{int(took % 60):02d}s" if took >= 60 else f"{took:.0f}s"
         step = last_logged_step(Path(self.run_dir))
@@ -246,8 +231,12 @@ class RunTask:
             outcome = f"finished in {took}"
         elif code in STOP_CODES:
             outcome = f"stopped after {took} at step {step} (exit {code}); the same command resumes it"
-        else:
-            outcome = f"FAILED after {took}, exit {code}: {last_error_line(Path(self.log))} (log {self.log})"
+        else:  # with the log's line that says what went wrong: its last `error:` line, else its last line
+            lines = [line.strip() for line in Path(self.log).read_text(errors="replace").splitlines()
+                     if line.strip() and not line.startswith("=== ")]
+            error = ([line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]] or lines
+                     or [""])[-1][:300]
+            outcome = f"FAILED after {took}, exit {code}: {error} (log {self.log})"
         self.note(f": {outcome}")
         self.lock.close()
         return outcome
@@ -265,9 +254,8 @@ class RunTask:
         return outcome
 
     def checkpoint(self):
-        """submitit calls this on SLURM's time-limit warning (SIGUSR2): dt.py is asked to stop (one SIGTERM: it
-        finishes its update or evaluation, writes latest.pt and exits) and the task is requeued with this object,
-        unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
+        """submitit's call on SLURM's time-limit warning (SIGUSR2): one SIGTERM makes dt.py write latest.pt and exit,
+        then the task is requeued, unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
         import submitit
 
         if self.process is not None and self.process.returncode is None:
@@ -294,8 +282,7 @@ class RunTask:
 
 
 def make_task(run: GridRun, grid_dir: Path, threads: int, gpu: Optional[str], overrides: Dict[str, str]) -> RunTask:
-    """The run's task: `threads` torch threads and, unless --set eval_workers, as many env workers (the run's share of
-    what eval_workers -1 would take), on GPU `gpu` if given."""
+    """`threads` torch threads and as many env workers (the run's share of what eval_workers -1 would take)."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     if gpu is not None and run.config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -316,18 +303,17 @@ def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
 
 
 # --- This machine: `parallel` runs at a time, GPUs round robin, CPU cores split ---
-def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: float, overrides: Dict[str, str],
-             dry_run: bool = False) -> int:
-    """Run every unfinished run, `parallel` at a time. Returns the exit code: 0 all finished, 1 a run failed,
+def run_grid(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, overrides: Dict[str, str]) -> int:
+    """Run every unfinished run, --parallel at a time. Returns the exit code: 0 all finished, 1 a run failed,
     128 + signal when stopped by SIGINT/SIGTERM (forwarded to the runs, which checkpoint first)."""
-    if parallel < 1:
-        raise UserError(f"--parallel must be at least 1, got {parallel}")
+    if args.parallel < 1:
+        raise UserError(f"--parallel must be at least 1, got {args.parallel}")
     states = triage(runs, grid_dir)
     pending = [run for run in runs if states[run.label][0] in ("new", "resume")]
     outcomes = {label: "finished" if state == "done" else
                 f"FAILED not started: {detail}; use another --grid_dir or move {grid_dir / label} away"
                 for label, (state, detail) in states.items() if state in ("done", "conflict")}
-    parallel = min(parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
+    parallel = min(args.parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
     gpus = [gpu.strip() for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip() not in ("", "-1")] \
         if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(torch.cuda.device_count())]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -337,7 +323,7 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
     print("".join(f"  {label}: {outcome[7:]}\n" for label, outcome in outcomes.items() if outcome[:6] == "FAILED"),
           end="", flush=True)
     gpu = (lambda slot: gpus[slot % len(gpus)]) if gpus else (lambda slot: None)
-    if dry_run:
+    if args.dry_run:
         for task in [make_task(run, grid_dir, threads, gpu(i % parallel), overrides) for i, run in enumerate(pending)]:
             print(f"  [{states[task.label][0]}] {' '.join(f'{k}={v}' for k, v in task.env.items())} "
                   f"{' '.join(task.command)}")
@@ -383,7 +369,7 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
                     outcomes[task.label] = outcome = task.finish(task.process.returncode)
                     verb, _, rest = outcome.partition(" ")
                     say(f"{verb} {task.label} {rest}", counts=True)
-            if running and time.monotonic() - last_status >= status_every:
+            if running and time.monotonic() - last_status >= args.status_every:
                 last_status = time.monotonic()
                 say("running: " + ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/"
                                             f"{task.update_steps}" for task in running.values()), counts=True)
@@ -421,9 +407,9 @@ def slurm(*args: str) -> str:
 def slurm_minutes(text: str) -> Optional[int]:
     """A SLURM time (minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]) in minutes,
     rounded up as SLURM does; None for infinite."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if text.strip().lower() in ("infinite", "unlimited"):
         return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not match:
         raise UserError(f"--time {text}: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)")
     days, a, b, c = (int(x or 0) for x in match.groups())
@@ -432,26 +418,9 @@ def slurm_minutes(text: str) -> Optional[int]:
     return -(-seconds // 60)
 
 
-def seconds_per_update(config: TrainConfig, threads: int, device: str) -> float:
-    """dt.py's update of the config's model on a synthetic 17-dim-state dataset, timed by benchmarks/train_speed.py:
-    1 update after a warm-up one, the mean of 4 more when that took under 0.1 s."""
-    from train_speed import time_updates, write_synthetic_d4rl
-
-    with tempfile.TemporaryDirectory() as folder:
-        write_synthetic_d4rl(Path(folder) / "data.hdf5", 5_000)
-        data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), config.reward_scale)
-    previous, config = torch.get_num_threads(), replace(config, compile=False)
-    torch.set_num_threads(threads)
-    try:
-        seconds = float(time_updates(config, data, torch.device(device), 1, 1)[1].sum())
-        return seconds if seconds >= 0.1 else float(time_updates(config, data, torch.device(device), 4, 1)[1].sum())
-    finally:
-        torch.set_num_threads(previous)
-
-
 def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
     """SLURM answers, the partition exists, and the time limit fits it and holds one evaluation interval of every
-    run (eval_every updates at the rate measured here, see seconds_per_update); returns the limit in minutes."""
+    run at the update rate measured here; returns the limit in minutes."""
     missing = [name for name in ("sbatch", "squeue", "srun", "sinfo") if shutil.which(name) is None]
     if missing:
         raise UserError(f"{', '.join(missing)} not on PATH: --executor slurm submits from a machine with SLURM's "
@@ -477,20 +446,32 @@ def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("  --time is not checked against the evaluation interval: no GPU here to time an update on")
         return minutes
-    measured = {}
-    for run in runs:
-        c = run.config
-        shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.bf16)
-        if shape not in measured:
-            print(f"  timing {run.label}'s update on this {device.upper()} for the --time check", flush=True)
-            measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
-        rate, interval = 1 / measured[shape], min(c.eval_every, c.update_steps)
-        if interval / rate > available:
-            raise UserError(
-                f"--time {args.time} cannot hold one evaluation interval of {run.label}: {interval} updates take "
-                f"{interval / rate / 60:.0f} min at the {rate:.1f} updates/s this model trains at on this machine's "
-                f"{device.upper()} with {args.cpus_per_task} thread(s), and --signal_delay keeps {args.signal_delay} s "
-                "for the checkpoint; raise --time or lower eval_every")
+    from train_speed import time_updates, write_synthetic_d4rl
+
+    measured, threads = {}, torch.get_num_threads()  # seconds per update of each model shape
+    torch.set_num_threads(args.cpus_per_task)
+    try:
+        for run in runs:
+            c = replace(run.config, compile=False)
+            shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.bf16)
+            if shape not in measured:  # dt.py's update on a synthetic 17-dim-state dataset, as train_speed.py times
+                print(f"  timing {run.label}'s update on this {device.upper()} for the --time check", flush=True)
+                with tempfile.TemporaryDirectory() as folder:
+                    write_synthetic_d4rl(Path(folder) / "data.hdf5", 5_000)
+                    data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), c.reward_scale)
+                measured[shape] = float(time_updates(c, data, torch.device(device), 1, 1)[1].sum())
+                if measured[shape] < 0.1:  # 1 update after a warm-up one; the mean of 4 more when that was quick
+                    measured[shape] = float(time_updates(c, data, torch.device(device), 4, 1)[1].sum())
+            seconds = min(c.eval_every, c.update_steps) * measured[shape]
+            if seconds > available:
+                raise UserError(
+                    f"--time {args.time} cannot hold one evaluation interval of {run.label}: "
+                    f"{min(c.eval_every, c.update_steps)} updates take {seconds / 60:.0f} min at the "
+                    f"{1 / measured[shape]:.1f} updates/s this model trains at on this machine's {device.upper()} with "
+                    f"{args.cpus_per_task} thread(s), and --signal_delay keeps {args.signal_delay} s for the "
+                    "checkpoint; raise --time or lower eval_every")
+    finally:
+        torch.set_num_threads(threads)
     return minutes
 
 
@@ -498,15 +479,15 @@ def queued_tasks(grid_dir: Path) -> Dict[str, Tuple[str, str, str]]:
     """label -> (job id, SLURM state, reason) of the grid's tasks SLURM still knows: squeue, and sacct where the
     cluster keeps accounting (squeue forgets a finished job after MinJobAge, 300 s by default)."""
     jobs, known = read_plan(grid_dir).get("slurm", {}), {}
-    if not jobs or shutil.which("squeue") is None:
+    if not jobs:
         return {}
-    with contextlib.suppress(UserError):
+    with contextlib.suppress(UserError):  # no squeue here (or no answer): the run folders alone tell
         for line in slurm("squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r").splitlines():
             job, state, reason = line.split("|")
             known[job] = (state, "" if reason == "None" else reason)
     missing = ",".join(sorted({job.split("_")[0] for job in jobs.values() if job not in known}))
-    if missing and shutil.which("sacct"):
-        with contextlib.suppress(UserError):  # without accounting sacct fails: squeue is all there is
+    if missing:
+        with contextlib.suppress(UserError):  # no sacct, or no accounting: squeue is all there is
             for line in slurm("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", missing).splitlines():
                 known.setdefault(line.split("|")[0], (line.split("|")[1].split()[0], ""))
     return {label: (job, *known[job]) for label, job in jobs.items() if job in known}
@@ -545,8 +526,7 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
                   f"{' '.join(task.command)}")
         print("nothing to submit" if not tasks else "dry run: nothing submitted")
         return 0
-    if __name__ != "__main__":  # imported (tests): RunTask is still pickled by value, tasks do not import this file
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # RunTask by value: tasks do not import this file
     folder = grid_dir / "slurm"
     created = [path for path in (grid_dir, folder) if not path.exists()]
     try:
@@ -640,39 +620,32 @@ def status(grid_dir: Path) -> int:
 
 
 # --- wandb sweep ---
-def sweep_spec(runs: List[GridRun], configs: List[str], seeds: List[int], overrides: List[Tuple[str, str]],
-               runs_dir: str, name: str, project: Optional[str]) -> Dict:
-    """A wandb sweep (method grid) over config_path x train_seed with the overrides fixed.
-
-    `wandb agent` runs `python algorithms/dt.py --config_path=... --train_seed=... --key=value ...`
-    (the default command, ${args}: every parameter as --name=value); values are strings dt.py parses
-    as the command line does (null, [3600,1800]), so they are written as typed.
-    """
-    projects = {run.config.project for run in runs}
-    parameters = {"config_path": {"values": list(dict.fromkeys(configs))},
-                  "train_seed": {"values": list(dict.fromkeys(seeds))}}
-    parameters.update({key: {"value": value} for key, value in overrides})
-    parameters.setdefault("runs_dir", {"value": runs_dir})
-    spec = {"program": DT_SCRIPT, "method": "grid", "name": name}
-    if project or len(projects) == 1:  # a sweep logs to one project; wandb ignores the config's own
-        spec["project"] = project or projects.pop()
-    spec["parameters"] = parameters
-    spec["command"] = ["${env}", "${interpreter}", "${program}", "${args}"]
-    return spec
-
-
-def write_sweep(spec: Dict, out: Path, command_line: str) -> None:
-    header = (f"# wandb sweep: {len(spec['parameters']['config_path']['values'])} configs x "
-              f"{len(spec['parameters']['train_seed']['values'])} seeds. Made by:\n#   {command_line}\n"
-              f"# Use (from the repository root, on each machine):\n#   wandb sweep {out}\n"
-              "#   wandb agent <entity>/<project>/<sweep id>\n")
+def write_sweep(runs: List[GridRun], args: argparse.Namespace, overrides: List[Tuple[str, str]],
+                argv: List[str]) -> None:
+    """The grid as a wandb sweep YAML (method grid over config_path x train_seed, the overrides fixed). `wandb agent`
+    runs `python algorithms/dt.py --config_path=... --train_seed=... --key=value ...` (${args}), which dt.py parses
+    as its command line (null, [3600,1800]), so values are written as typed."""
+    out, projects = Path(args.out), {run.config.project for run in runs}
+    parameters = {"config_path": {"values": list(dict.fromkeys(args.configs))},
+                  "train_seed": {"values": list(dict.fromkeys(args.seeds))}, **{k: {"value": v} for k, v in overrides}}
+    parameters.setdefault("runs_dir", {"value": args.runs_dir or f"runs/{out.stem}"})
+    spec = {"program": DT_SCRIPT, "method": "grid", "name": out.stem}
+    if args.project or len(projects) == 1:  # a sweep logs to one project; wandb ignores the config's own
+        spec["project"] = args.project or projects.pop()
+    spec.update(parameters=parameters, command=["${env}", "${interpreter}", "${program}", "${args}"])
+    configs, seeds = len(parameters["config_path"]["values"]), len(parameters["train_seed"]["values"])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(header + yaml.safe_dump(spec, sort_keys=False, default_flow_style=False))
-        os.replace(tmp, out)
+        out.with_name(out.name + ".tmp").write_text(
+            f"# wandb sweep: {configs} configs x {seeds} seeds. Made by:\n"
+            f"#   python benchmarks/grid.py {' '.join(argv)}\n"
+            f"# Use (from the repository root, on each machine):\n#   wandb sweep {out}\n"
+            "#   wandb agent <entity>/<project>/<sweep id>\n" + yaml.safe_dump(spec, sort_keys=False))
+        os.replace(out.with_name(out.name + ".tmp"), out)
     except OSError as err:
         raise UserError(f"cannot write {out} ({err.strerror or err})") from None
+    print(f"wrote {out}: {len(runs)} runs ({configs} configs x {seeds} seeds); start it with `wandb sweep {out}`, "
+          "then `wandb agent <entity>/<project>/<id>` on each machine")
 
 
 # --- Main ---
@@ -689,8 +662,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          help="a TrainConfig field for every run, as on dt.py's command line (repeatable)")
         if name == "sweep":
             sub.add_argument("--out", required=True, help="sweep YAML to write")
-            sub.add_argument("--runs_dir", help="runs_dir of the sweep's runs on each machine "
-                             "(default runs/<out stem>)")
+            sub.add_argument("--runs_dir", help="the runs' runs_dir on each machine (default runs/<out stem>)")
             sub.add_argument("--project", help="wandb project (default: the configs' project field)")
             continue
         sub.add_argument("--grid_dir", required=True, help="folder of the run folders <config label>-seed<k>")
@@ -723,17 +695,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit(status(Path(args.grid_dir)))
         overrides = parse_overrides(args.set)
         runs = plan_grid(args.configs, args.seeds, overrides)
-        if args.command == "run" and args.executor == "slurm":
-            sys.exit(submit_slurm(runs, Path(args.grid_dir), args, dict(overrides)))
-        if args.command == "run":
-            sys.exit(run_grid(runs, Path(args.grid_dir), args.parallel, args.status_every, dict(overrides),
-                              args.dry_run))
-        out = Path(args.out)
-        spec = sweep_spec(runs, args.configs, args.seeds, overrides, args.runs_dir or f"runs/{out.stem}", out.stem,
-                          args.project)
-        write_sweep(spec, out, "python benchmarks/grid.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        print(f"wrote {out}: {len(runs)} runs ({len(set(args.configs))} configs x {len(set(args.seeds))} seeds); "
-              f"start it with `wandb sweep {out}`, then `wandb agent <entity>/<project>/<id>` on each machine")
+        if args.command == "sweep":
+            return write_sweep(runs, args, overrides, argv if argv is not None else sys.argv[1:])
+        sys.exit((submit_slurm if args.executor == "slurm" else run_grid)(runs, Path(args.grid_dir), args,
+                                                                         dict(overrides)))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -563,16 +563,6 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
 
 
 # --- Status: every run of a grid, from its folder and SLURM ---
-def folder_locked(run_dir: Path) -> bool:
-    """Whether a process on this machine (a grid, dt.py) holds the run folder's lock: the run is going."""
-    try:
-        with open(run_dir / LOCK_NAME) as handle:  # read-only: no lock file is made where there is none
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError as err:  # no lock file, or no flock on this file system: not locked
-        return isinstance(err, BlockingIOError)
-
-
 def status(grid_dir: Path) -> int:
     """One row per run: config, seed, state, step reached, last score at the highest target, SLURM job, note."""
     from report import read_run  # the report's reading of a run folder: both agree on what finished
@@ -589,7 +579,13 @@ def status(grid_dir: Path) -> int:
         job, queued, reason = queue.get(label, (plan.get("slurm", {}).get(label, "-"), "", ""))
         last = ([line for line in log.read_text(errors="replace").splitlines() if line.startswith("=== ")] or [""]
                 )[-1].partition(" grid")[2] if log.exists() else ""
-        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or folder_locked(run_dir):
+        try:  # a process on this machine (a grid, dt.py) holding the folder's lock: the run is going
+            with open(run_dir / LOCK_NAME) as handle:  # read-only: no lock file is made where there is none
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            locked = False
+        except OSError as err:  # no lock file, or no flock on this file system: not locked
+            locked = isinstance(err, BlockingIOError)
+        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or locked:
             state, note = "running", ""
         elif queued in ACTIVE:
             state, note = "pending", f"{queued.lower()}{f' ({reason})' if reason else ''}"

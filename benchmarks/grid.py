@@ -1,22 +1,16 @@
 """Run a grid of DT runs (configs x seeds, with field overrides) on this machine or as one SLURM job array, see
-where its runs stand, or write it as a wandb sweep.
-
-Each run gets the folder <grid_dir>/<config label>-seed<k>, so the same command skips finished runs and resumes
-unfinished ones (algorithms/dt.py --run_dir does both):
+where its runs stand, or write it as a wandb sweep. Each run gets the folder <grid_dir>/<config label>-seed<k>
+(configs/dt/hopper/medium_v2.yaml -> hopper-medium_v2; a config elsewhere: its file's stem), so the same command
+skips finished runs and resumes unfinished ones (algorithms/dt.py --run_dir does both):
 
     python benchmarks/grid.py run --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 \\
         --grid_dir runs/grid-hopper --parallel 2 [--set update_steps=50000 --set eval_episodes=10]
     python benchmarks/grid.py run ... --executor slurm --time 12:00:00 [--partition gpu --gpus_per_task 1]
     python benchmarks/grid.py status --grid_dir runs/grid-hopper
+    python benchmarks/report.py runs/grid-hopper
+    python benchmarks/grid.py sweep --configs ... --seeds ... --out sweeps/hopper.yaml   # machines without SLURM:
+    wandb sweep sweeps/hopper.yaml; wandb agent <entity>/<project>/<id>   # the agent on each machine, from the repo
 
-Many machines without SLURM: the same grid as a wandb sweep (method grid over config_path x train_seed):
-
-    python benchmarks/grid.py sweep --configs configs/dt/hopper/*.yaml --seeds 0 1 2 3 --out sweeps/hopper.yaml
-    wandb sweep sweeps/hopper.yaml          # prints the sweep id: <entity>/<project>/<id>
-    wandb agent <entity>/<project>/<id>     # on each machine, from the repository root
-
-The config label is the config's path under configs/dt with '/' -> '-' (configs/dt/hopper/medium_v2.yaml ->
-hopper-medium_v2), or the file's stem for a config elsewhere. Then `python benchmarks/report.py <grid_dir>`.
 SLURM, preemption and sweeps on a cluster: docs/cluster.md.
 """
 import argparse
@@ -58,9 +52,7 @@ CONFIGS_ROOT = ROOT / "configs" / "dt"
 RESERVED_FIELDS = ("config_path", "train_seed", "run_dir", "eval_checkpoint")
 # fields a resumed run may change (dt.py's own rule): where it runs, not what it computes
 RESOURCE_FIELDS = ("run_dir", "device", "eval_workers")
-LOG_NAME = "grid.log"
-LOCK_NAME = "grid.lock"
-PLAN_NAME = "grid.json"
+LOG_NAME, LOCK_NAME, PLAN_NAME = "grid.log", "grid.lock", "grid.json"
 STOP_CODES = (0, 130, -signal.SIGTERM, -signal.SIGINT)  # dt.py stopped on a signal (it checkpoints first)
 STALLED_ATTEMPTS = 3  # SLURM attempts in a row without a new checkpoint before a task is no longer requeued
 
@@ -74,12 +66,9 @@ class GridRun:
     config: TrainConfig = field(repr=False)  # what dt.py will parse from args
 
 
-# ----------------------------------------------------------------------------------------------
-# The plan: configs x seeds x overrides
-# ----------------------------------------------------------------------------------------------
+# --- The plan: configs x seeds x overrides ---
 def parse_overrides(pairs: List[str]) -> List[Tuple[str, str]]:
     """KEY=VALUE strings -> (key, value); the value is kept as typed (dt.py parses it, YAML style)."""
-    fields = set(TrainConfig.__dataclass_fields__)
     overrides = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -89,7 +78,7 @@ def parse_overrides(pairs: List[str]) -> List[Tuple[str, str]]:
         if key in RESERVED_FIELDS:
             raise UserError(f"--set {key} is not allowed: the grid sets {', '.join(RESERVED_FIELDS)} itself "
                             "(use --configs and --seeds)")
-        if key not in fields:
+        if key not in TrainConfig.__dataclass_fields__:
             raise UserError(f"--set {key}: TrainConfig has no field '{key}'; `python {DT_SCRIPT} --help` lists them")
         overrides.append((key, value))
     return overrides
@@ -98,33 +87,24 @@ def parse_overrides(pairs: List[str]) -> List[Tuple[str, str]]:
 def config_label(config_path: str) -> str:
     """configs/dt/hopper/medium_v2.yaml -> hopper-medium_v2; any other file -> its stem."""
     path = Path(config_path).resolve()
-    try:
-        relative = path.relative_to(CONFIGS_ROOT)
-    except ValueError:
-        relative = Path(path.name)
-    return "-".join(relative.with_suffix("").parts)
-
-
-def dt_args(config_path: str, seed: int, overrides: List[Tuple[str, str]]) -> List[str]:
-    """The run's dt.py arguments, written --key=value as `wandb agent` writes them, so grid and sweep agree."""
-    return [f"--config_path={config_path}", f"--train_seed={seed}", *(f"--{key}={value}" for key, value in overrides)]
+    return "-".join(path.relative_to(CONFIGS_ROOT).with_suffix("").parts if path.is_relative_to(CONFIGS_ROOT)
+                    else [path.stem])
 
 
 def plan_grid(configs: List[str], seeds: List[int], overrides: List[Tuple[str, str]]) -> List[GridRun]:
-    """Every (config, seed) run, each parsed and validated by dt.py's own code before anything starts."""
-    if not configs or not seeds:
-        raise UserError("give at least one config (--configs) and one seed (--seeds)")
-    runs, seen, shown = [], {}, set()
+    """Every (config, seed) run, each parsed and validated by dt.py's own code before anything starts. Its
+    arguments are written --key=value as `wandb agent` writes them, so grid and sweep agree."""
+    runs, seen, shown = {}, {}, set()
     for config_path in configs:
         label = config_label(config_path)
-        if label in seen and seen[label] != Path(config_path).resolve():
+        if seen.setdefault(label, Path(config_path).resolve()) != Path(config_path).resolve():
             raise UserError(f"{config_path} and {seen[label]} would share the run folders '{label}-seed*'; "
                             "rename one of them")
-        seen[label] = Path(config_path).resolve()
         for seed in seeds:
-            args = dt_args(config_path, seed, overrides)
-            config = parse_config(args)
-            warnings = io.StringIO()
+            if f"{label}-seed{seed}" in runs:  # a config or seed given twice runs once
+                continue
+            args = [f"--config_path={config_path}", f"--train_seed={seed}", *(f"--{k}={v}" for k, v in overrides)]
+            config, warnings = parse_config(args), io.StringIO()
             try:
                 with contextlib.redirect_stderr(warnings):  # dt.py's warnings, shown once per config below
                     validate_config(config)
@@ -134,33 +114,11 @@ def plan_grid(configs: List[str], seeds: List[int], overrides: List[Tuple[str, s
                 if line not in shown:
                     shown.add(line)
                     print(f"{config_path}: {line}", file=sys.stderr)
-            run = GridRun(f"{label}-seed{seed}", config_path, seed, args, config)
-            if run.label not in {r.label for r in runs}:  # a config or seed given twice runs once
-                runs.append(run)
-    return runs
+            runs[f"{label}-seed{seed}"] = GridRun(f"{label}-seed{seed}", config_path, seed, args, config)
+    return list(runs.values())
 
 
-# ----------------------------------------------------------------------------------------------
-# State of a run folder
-# ----------------------------------------------------------------------------------------------
-def checkpoint_step(config: TrainConfig, run_dir: Path) -> Optional[int]:
-    """The step of the run's latest.pt, or None when it has none (or one that cannot be read)."""
-    latest = checkpoint_dir(config, run_dir) / "latest.pt"
-    if not latest.exists():
-        return None
-    try:
-        return int(torch.load(latest, map_location="cpu", weights_only=False)["step"])
-    except Exception:  # a damaged checkpoint: dt.py reports it when it resumes
-        return None
-
-
-def config_conflicts(wanted: TrainConfig, saved: TrainConfig) -> List[str]:
-    """Fields where a run folder's saved config differs from what the grid asks for."""
-    saved_fields = asdict(saved)
-    return [f"{name}: saved {saved_fields[name]!r}, grid {value!r}" for name, value in asdict(wanted).items()
-            if name not in RESOURCE_FIELDS and saved_fields[name] != value]
-
-
+# --- State of a run folder ---
 def run_state(run: GridRun, grid_dir: Path) -> Tuple[str, str]:
     """('done' | 'resume' | 'new' | 'conflict', detail) for the run's folder."""
     run_dir = grid_dir / run.label
@@ -171,74 +129,66 @@ def run_state(run: GridRun, grid_dir: Path) -> Tuple[str, str]:
             saved = pyrallis.load(TrainConfig, f)
     except Exception as err:  # unreadable config.yaml: dt.py says how to fix it when the run starts
         return "resume", f"config.yaml unreadable ({type(err).__name__})"
-    conflicts = config_conflicts(run.config, saved)
+    saved_fields = asdict(saved)
+    conflicts = [f"{name}: saved {saved_fields[name]!r}, grid {value!r}" for name, value in asdict(run.config).items()
+                 if name not in RESOURCE_FIELDS and saved_fields[name] != value]
     if conflicts:
         return "conflict", "its config.yaml differs from the grid's: " + "; ".join(conflicts)
-    step = checkpoint_step(saved, run_dir)
-    if step is not None and step >= saved.update_steps:
+    try:
+        step = int(torch.load(checkpoint_dir(saved, run_dir) / "latest.pt", map_location="cpu",
+                              weights_only=False)["step"])
+    except Exception:  # no latest.pt yet, or a damaged one: dt.py reports that when it resumes
+        step = 0
+    if step >= saved.update_steps:
         return "done", f"step {step}"
-    return "resume", f"from step {step or 0} of {saved.update_steps}"
+    return "resume", f"from step {step} of {saved.update_steps}"
 
 
 def last_logged_step(run_dir: Path) -> int:
     """The step of the last row of metrics.jsonl (0 before the first log)."""
     path = run_dir / "metrics.jsonl"
     for line in reversed(path.read_text().splitlines() if path.exists() else []):
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a row cut off by a crash
             return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):  # a row cut off by a crash
-            continue
     return 0
-
-
-def last_error_line(log: Path) -> str:
-    """The line of the run's log that says what went wrong: its `error:` line, else its last line."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
-    return (errors or [line for line in lines if not line.startswith("=== ")] or [""])[-1][:300]
 
 
 def read_plan(grid_dir: Path) -> Dict:
     """grid_dir/grid.json: {"runs": {label: {config_path, train_seed, args}}, "slurm": {label: job id}}."""
     try:
-        plan = json.loads((grid_dir / PLAN_NAME).read_text())
-        return plan if isinstance(plan, dict) else {}
+        return json.loads((grid_dir / PLAN_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
 def write_plan(runs: List[GridRun], grid_dir: Path, jobs: Optional[Dict[str, str]] = None) -> None:
-    """Add the runs (and their SLURM job ids) to grid_dir/grid.json, the record of every run this grid was asked
-    for: benchmarks/report.py lists those that never started, `status` finds their SLURM tasks."""
+    """Add the runs (and their SLURM job ids) to grid.json, the record of every run this grid was asked for:
+    benchmarks/report.py lists those that never started, `status` finds their SLURM tasks."""
     plan = read_plan(grid_dir)
     plan.setdefault("runs", {}).update({run.label: {"config_path": run.config_path, "train_seed": run.seed,
                                                     "args": run.args} for run in runs})
     plan.setdefault("slurm", {}).update(jobs or {})
-    tmp = grid_dir / (PLAN_NAME + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, grid_dir / PLAN_NAME)
+    try:
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        (grid_dir / (PLAN_NAME + ".tmp")).write_text(json.dumps(plan, indent=1) + "\n")
+        os.replace(grid_dir / (PLAN_NAME + ".tmp"), grid_dir / PLAN_NAME)
+    except OSError as err:
+        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# One run: dt.py in its folder, on this machine or in a SLURM task
-# ----------------------------------------------------------------------------------------------
+# --- One run: dt.py in its folder, on this machine or in a SLURM task ---
 class RunTask:
     """dt.py for one run in its folder, holding the folder's lock (inherited by dt.py, so a second grid or a rerun
     after a killed grid skips the run), its output appended to <folder>/grid.log between a start line and an
-    outcome line. The local grid starts and polls it; on SLURM each array task calls it, and submitit calls
-    checkpoint() on SLURM's time-limit warning. Standard library only: submitit pickles it by value, so a task
-    runs it without importing torch or this file."""
+    outcome line. The local grid starts and polls it; each SLURM array task calls it. Standard library only:
+    submitit pickles it by value, so a task runs it without importing torch or this file."""
 
     def __init__(self, label: str, command: List[str], run_dir: Path, latest: Path, env: Dict[str, str],
                  update_steps: int):
         self.label, self.command, self.env, self.update_steps = label, command, env, update_steps
         self.run_dir, self.log, self.latest, self.cwd = str(run_dir), str(run_dir / LOG_NAME), str(latest), os.getcwd()
         self.process = self.lock = self.checkpointed = None
-        self.started, self.signals_sent = 0.0, 0
-        self.stalled = 0  # SLURM attempts in a row that left latest.pt as it was
+        self.started, self.stalled = 0.0, 0  # stalled: SLURM attempts in a row that left latest.pt as it was
 
     def note(self, text: str) -> None:
         with open(self.log, "a") as log:
@@ -264,18 +214,16 @@ class RunTask:
         job = job or os.environ.get("SLURM_JOB_ID")  # submitit submits a lone task as a plain job
         self.note(f"{f' (SLURM job {job})' if job else ''}: {' '.join(self.command)}")
         with open(self.log, "a") as log:
-            # own session: a terminal's Ctrl+C reaches only the grid, which forwards it once (dt.py takes a second
-            # one as "stop at once"); SIGUSR2 ignored: SLURM sends its time-limit warning to every process of the
-            # task, and checkpoint() answers it for dt.py; pass_fds: dt.py holds the lock too
+            # own session: Ctrl+C reaches only the grid, which forwards it once (a second one stops dt.py at once);
+            # SIGUSR2 ignored: SLURM's time-limit warning reaches every process, checkpoint() answers it for dt.py
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.cwd,
-                start_new_session=True, pass_fds=(self.lock.fileno(),),
+                start_new_session=True, pass_fds=(self.lock.fileno(),),  # dt.py holds the lock too
                 preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
         return True
 
     def finish(self, code: int) -> str:
-        """Note how dt.py ended (exit code `code`) in grid.log and release the folder: 'finished in ...',
-        'stopped after ...' or 'FAILED after ...'."""
+        """Note how dt.py ended in grid.log, release the folder: 'finished in', 'stopped after' or 'FAILED after'."""
         took = time.time() - self.started
         took = f"{int(took // 60)}m{int(took % 60):02d}s" if took >= 60 else f"{took:.0f}s"
         step = last_logged_step(Path(self.run_dir))
@@ -283,8 +231,12 @@ class RunTask:
             outcome = f"finished in {took}"
         elif code in STOP_CODES:
             outcome = f"stopped after {took} at step {step} (exit {code}); the same command resumes it"
-        else:
-            outcome = f"FAILED after {took}, exit {code}: {last_error_line(Path(self.log))} (log {self.log})"
+        else:  # with the log's line that says what went wrong: its last `error:` line, else its last line
+            lines = [line.strip() for line in Path(self.log).read_text(errors="replace").splitlines()
+                     if line.strip() and not line.startswith("=== ")]
+            error = ([line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]] or lines
+                     or [""])[-1][:300]
+            outcome = f"FAILED after {took}, exit {code}: {error} (log {self.log})"
         self.note(f": {outcome}")
         self.lock.close()
         return outcome
@@ -302,9 +254,8 @@ class RunTask:
         return outcome
 
     def checkpoint(self):
-        """submitit calls this on SLURM's time-limit warning (SIGUSR2): dt.py is asked to stop (one SIGTERM: it
-        finishes its update or evaluation, writes latest.pt and exits) and the task is requeued with this object,
-        unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
+        """submitit's call on SLURM's time-limit warning (SIGUSR2): one SIGTERM makes dt.py write latest.pt and exit,
+        then the task is requeued, unless dt.py failed or STALLED_ATTEMPTS attempts in a row wrote no checkpoint."""
         import submitit
 
         if self.process is not None and self.process.returncode is None:
@@ -319,10 +270,9 @@ class RunTask:
             why = ("dt.py failed" if outcome.startswith("FAILED") else
                    f"{self.stalled} attempts in a row wrote no checkpoint; raise --time"
                    if self.stalled >= STALLED_ATTEMPTS else "")
-            if why:
-                self.note(f": FAILED, not requeued: {why}")
             print(f"{self.label}: {outcome}; {'not requeued: ' + why if why else 'requeued'}", flush=True)
             if why:
+                self.note(f": FAILED, not requeued: {why}")
                 return None
         self.process = self.lock = None  # neither is pickled for the requeued task
         return submitit.helpers.DelayedSubmission(self)
@@ -331,28 +281,16 @@ class RunTask:
         return os.stat(self.latest).st_mtime if os.path.exists(self.latest) else None
 
 
-def make_task(run: GridRun, grid_dir: Path, env: Dict[str, str], extra: List[str]) -> RunTask:
+def make_task(run: GridRun, grid_dir: Path, threads: int, gpu: Optional[str], overrides: Dict[str, str]) -> RunTask:
+    """`threads` torch threads and as many env workers (the run's share of what eval_workers -1 would take)."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    if gpu is not None and run.config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     run_dir = grid_dir / run.label
-    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args, *extra, f"--run_dir={run_dir}"]
-    return RunTask(run.label, command, run_dir, checkpoint_dir(run.config, run_dir) / "latest.pt",
-                   {**env, "PYTHONUNBUFFERED": "1"}, run.config.update_steps)
-
-
-def run_resources(slot: int, parallel: int, config: TrainConfig, gpus: List[str], cores: int,
-                  overrides: Dict[str, str]) -> Tuple[Dict[str, str], List[str], str]:
-    """(environment, extra dt.py arguments, description) for the run in worker slot `slot`."""
-    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    described = [f"{threads} thread{'s' if threads > 1 else ''}"]
-    if gpus and config.device in ("auto", "cuda"):  # cuda:N names its GPU itself; cpu needs none
-        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        described.append(f"GPU {env['CUDA_VISIBLE_DEVICES']}")
-    args = []
-    if "eval_workers" not in overrides:
-        # the run's share of what eval_workers -1 would take: one env worker per core it has
-        args.append(f"--eval_workers={threads}")
-        described.append(f"eval_workers {threads}")
-    return env, args, ", ".join(described)
+    command = [sys.executable, str(ROOT / DT_SCRIPT), *run.args,
+               *([] if "eval_workers" in overrides else [f"--eval_workers={threads}"]), f"--run_dir={run_dir}"]
+    return RunTask(run.label, command, run_dir, checkpoint_dir(run.config, run_dir) / "latest.pt", env,
+                   run.config.update_steps)
 
 
 def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
@@ -364,63 +302,43 @@ def triage(runs: List[GridRun], grid_dir: Path) -> Dict[str, Tuple[str, str]]:
     return states
 
 
-def prepare_grid_dir(runs: List[GridRun], grid_dir: Path) -> None:
-    try:
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        write_plan(runs, grid_dir)
-    except OSError as err:
-        raise UserError(f"cannot write to {grid_dir} ({err.strerror or err}); choose another --grid_dir") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# This machine: `parallel` runs at a time, GPUs round robin, CPU cores split
-# ----------------------------------------------------------------------------------------------
-def visible_gpus() -> List[str]:
-    """GPU ids runs may use: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [gpu.strip() for gpu in listed.split(",") if gpu.strip() and gpu.strip() != "-1"]
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: float, overrides: Dict[str, str],
-             dry_run: bool = False) -> int:
-    """Run every unfinished run, `parallel` at a time. Returns the exit code: 0 all finished, 1 a run failed,
+# --- This machine: `parallel` runs at a time, GPUs round robin, CPU cores split ---
+def run_grid(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, overrides: Dict[str, str]) -> int:
+    """Run every unfinished run, --parallel at a time. Returns the exit code: 0 all finished, 1 a run failed,
     128 + signal when stopped by SIGINT/SIGTERM (forwarded to the runs, which checkpoint first)."""
-    if parallel < 1:
-        raise UserError(f"--parallel must be at least 1, got {parallel}")
+    if args.parallel < 1:
+        raise UserError(f"--parallel must be at least 1, got {args.parallel}")
     states = triage(runs, grid_dir)
     pending = [run for run in runs if states[run.label][0] in ("new", "resume")]
-    outcomes = {label: "finished" for label, (state, _) in states.items() if state == "done"}
-    outcomes.update({label: f"FAILED not started: {detail}; use another --grid_dir or move {grid_dir / label} away"
-                     for label, (state, detail) in states.items() if state == "conflict"})
-    parallel = min(parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
-    gpus, cores = visible_gpus(), cpu_cores()
-    print(f"; {parallel} at a time on {len(gpus)} GPU(s) and {cores} CPU core(s)", flush=True)
-    for label, outcome in outcomes.items():
-        if outcome.startswith("FAILED"):
-            print(f"  {label}: {outcome[7:]}", flush=True)
-    if dry_run:
-        for slot, run in enumerate(pending):
-            env, extra, _ = run_resources(slot % parallel, parallel, run.config, gpus, cores, overrides)
-            print(f"  [{states[run.label][0]}] {' '.join(f'{k}={v}' for k, v in env.items())} python {DT_SCRIPT} "
-                  f"{' '.join(run.args + extra)} --run_dir={grid_dir / run.label}")
+    outcomes = {label: "finished" if state == "done" else
+                f"FAILED not started: {detail}; use another --grid_dir or move {grid_dir / label} away"
+                for label, (state, detail) in states.items() if state in ("done", "conflict")}
+    parallel = min(args.parallel, max(len(pending), 1))  # spare slots would only take cores from the runs
+    gpus = [gpu.strip() for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip() not in ("", "-1")] \
+        if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(torch.cuda.device_count())]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // parallel)  # torch threads per run: the cores shared out, never oversubscribed
+    print(f"; {parallel} at a time on {len(gpus)} GPU(s) and {cores} CPU core(s), {threads} thread(s)"
+          f"{'' if 'eval_workers' in overrides else f' and eval_workers {threads}'} each", flush=True)
+    print("".join(f"  {label}: {outcome[7:]}\n" for label, outcome in outcomes.items() if outcome[:6] == "FAILED"),
+          end="", flush=True)
+    gpu = (lambda slot: gpus[slot % len(gpus)]) if gpus else (lambda slot: None)
+    if args.dry_run:
+        for task in [make_task(run, grid_dir, threads, gpu(i % parallel), overrides) for i, run in enumerate(pending)]:
+            print(f"  [{states[task.label][0]}] {' '.join(f'{k}={v}' for k, v in task.env.items())} "
+                  f"{' '.join(task.command)}")
         return int(any(outcome.startswith("FAILED") for outcome in outcomes.values()))
-    prepare_grid_dir(runs, grid_dir)
+    write_plan(runs, grid_dir)
     signals: List[int] = []  # received; the main loop forwards each one once to every running run
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     running: Dict[int, RunTask] = {}  # worker slot -> its run
-    last_status, announced = time.monotonic(), 0
+    last_status, forwarded = time.monotonic(), 0
 
-    def counts() -> str:
-        failed = sum(outcome.startswith("FAILED") for outcome in outcomes.values())
-        return (f"[{sum(outcome.startswith('finished') for outcome in outcomes.values())} done, {len(running)} "
-                f"running, {failed} failed, {len(pending)} waiting]")
+    def say(text: str, counts: bool = False) -> None:
+        done, failed = (sum(o.startswith(word) for o in outcomes.values()) for word in ("finished", "FAILED"))
+        print(f"[{time.strftime('%H:%M:%S')}] {text}" + (f"  [{done} done, {len(running)} running, {failed} failed, "
+                                                          f"{len(pending)} waiting]" if counts else ""), flush=True)
 
     try:
         while (pending and not signals) or running:
@@ -428,60 +346,49 @@ def run_grid(runs: List[GridRun], grid_dir: Path, parallel: int, status_every: f
                 if not pending or signals:
                     break
                 run = pending.pop(0)
-                env, extra, described = run_resources(slot, parallel, run.config, gpus, cores, overrides)
-                task = make_task(run, grid_dir, env, extra)
+                task = make_task(run, grid_dir, threads, gpu(slot), overrides)
                 if not task.start():
                     reason = f"{task.run_dir} is in use by another process (a run still going?)"
                     outcomes[run.label] = f"FAILED not started: {reason}"
-                    print(f"[{time.strftime('%H:%M:%S')}] skipped {run.label}: {reason}", flush=True)
+                    say(f"skipped {run.label}: {reason}")
                     continue
-                running[slot] = task
-                print(f"[{time.strftime('%H:%M:%S')}] {'resuming' if states[run.label][0] == 'resume' else 'starting'} "
-                      f"{run.label} ({described}; log {task.log})", flush=True)
-            for task in running.values():
-                for sig in signals[task.signals_sent:]:
-                    with contextlib.suppress(ProcessLookupError):  # it has just exited
-                        task.process.send_signal(sig)
-                task.signals_sent = len(signals)
-            if len(signals) > announced:
-                announced = len(signals)
-                print(f"[{time.strftime('%H:%M:%S')}] {signal.Signals(signals[-1]).name}: asked {len(running)} run(s) "
-                      "to " + ("checkpoint and stop; waiting for them (send again to stop them at once)"
-                               if announced == 1 else "stop at once"), flush=True)
+                running[slot], on_gpu = task, task.env.get("CUDA_VISIBLE_DEVICES")
+                say(f"{'resuming' if states[run.label][0] == 'resume' else 'starting'} {run.label} "
+                    f"({f'GPU {on_gpu}; ' if on_gpu else ''}log {task.log})")
+            while forwarded < len(signals):
+                for task in running.values():
+                    task.process.send_signal(signals[forwarded])  # Popen skips a process that has exited
+                say(f"{signal.Signals(signals[forwarded]).name}: asked {len(running)} run(s) to " + (
+                    "stop at once" if forwarded else "checkpoint and stop; waiting for them (send again to stop them "
+                    "at once)"))
+                forwarded += 1
             time.sleep(0.2)
             for slot, task in list(running.items()):
                 if task.process.poll() is not None:
                     del running[slot]
                     outcomes[task.label] = outcome = task.finish(task.process.returncode)
                     verb, _, rest = outcome.partition(" ")
-                    print(f"[{time.strftime('%H:%M:%S')}] {verb} {task.label} {rest}  {counts()}", flush=True)
-            if running and time.monotonic() - last_status >= status_every:
+                    say(f"{verb} {task.label} {rest}", counts=True)
+            if running and time.monotonic() - last_status >= args.status_every:
                 last_status = time.monotonic()
-                progress = ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/{task.update_steps}"
-                                     for task in running.values())
-                print(f"[{time.strftime('%H:%M:%S')}] running: {progress}  {counts()}", flush=True)
+                say("running: " + ", ".join(f"{task.label} step {last_logged_step(Path(task.run_dir))}/"
+                                            f"{task.update_steps}" for task in running.values()), counts=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
     failed = {label: outcome[7:] for label, outcome in outcomes.items() if outcome.startswith("FAILED")}
     stopped = [label for label, outcome in outcomes.items() if outcome.startswith("stopped")]
-    not_started = [run.label for run in pending]
-    print(f"grid {grid_dir}: {len(runs) - len(failed) - len(stopped) - len(not_started)} of {len(runs)} runs "
-          f"finished, {len(failed)} failed, {len(stopped) + len(not_started)} not finished", flush=True)
-    for label, reason in failed.items():
-        print(f"  FAILED {label}: {reason}", flush=True)
-    if stopped or not_started:
-        print(f"  stopped: {', '.join(stopped) or '-'}; not started: {', '.join(not_started) or '-'}; "
-              "the same command continues them", flush=True)
-    if signals:
-        return 128 + signals[0]  # 130 for Ctrl+C, as dt.py
-    return 1 if failed else 0
+    print(f"grid {grid_dir}: {len(runs) - len(failed) - len(stopped) - len(pending)} of {len(runs)} runs "
+          f"finished, {len(failed)} failed, {len(stopped) + len(pending)} not finished", flush=True)
+    print("".join(f"  FAILED {label}: {reason}\n" for label, reason in failed.items()), end="", flush=True)
+    if stopped or pending:
+        print(f"  stopped: {', '.join(stopped) or '-'}; not started: {', '.join(run.label for run in pending) or '-'};"
+              " the same command continues them", flush=True)
+    return 128 + signals[0] if signals else int(bool(failed))  # 128 + 2 = 130 for Ctrl+C, as dt.py
 
 
-# ----------------------------------------------------------------------------------------------
-# SLURM: one job array through submitit, one task per run
-# ----------------------------------------------------------------------------------------------
+# --- SLURM: one job array through submitit, one task per run ---
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
           "SIGNALING", "STAGE_OUT", "RESIZING")  # SLURM job states of a task not over yet
 
@@ -500,9 +407,9 @@ def slurm(*args: str) -> str:
 def slurm_minutes(text: str) -> Optional[int]:
     """A SLURM time (minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]) in minutes,
     rounded up as SLURM does; None for infinite."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if text.strip().lower() in ("infinite", "unlimited"):
         return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not match:
         raise UserError(f"--time {text}: give minutes or [days-]hours:minutes:seconds (e.g. 720 or 12:00:00)")
     days, a, b, c = (int(x or 0) for x in match.groups())
@@ -511,28 +418,9 @@ def slurm_minutes(text: str) -> Optional[int]:
     return -(-seconds // 60)
 
 
-def seconds_per_update(config: TrainConfig, threads: int, device: str) -> float:
-    """dt.py's update of the config's model on a synthetic 17-dim-state dataset, timed here by
-    benchmarks/train_speed.py: 1 update after a warm-up one, the mean of 4 more when that took under 0.1 s."""
-    from train_speed import time_updates, write_synthetic_d4rl
-
-    with tempfile.TemporaryDirectory() as folder:
-        write_synthetic_d4rl(Path(folder) / "data.hdf5", 5_000)
-        data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), config.reward_scale)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 1, 1)[1].sum())
-        if seconds < 0.1:
-            seconds = float(time_updates(replace(config, compile=False), data, torch.device(device), 4, 1)[1].sum())
-        return seconds
-    finally:
-        torch.set_num_threads(previous)
-
-
 def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
     """SLURM answers, the partition exists, and the time limit fits it and holds one evaluation interval of every
-    run (eval_every updates at the rate measured here, see seconds_per_update); returns the limit in minutes."""
+    run at the update rate measured here; returns the limit in minutes."""
     missing = [name for name in ("sbatch", "squeue", "srun", "sinfo") if shutil.which(name) is None]
     if missing:
         raise UserError(f"{', '.join(missing)} not on PATH: --executor slurm submits from a machine with SLURM's "
@@ -558,20 +446,32 @@ def check_slurm(runs: List[GridRun], args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("  --time is not checked against the evaluation interval: no GPU here to time an update on")
         return minutes
-    measured = {}
-    for run in runs:
-        c = run.config
-        shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.bf16)
-        if shape not in measured:
-            print(f"  timing {run.label}'s update on this {device.upper()} for the --time check", flush=True)
-            measured[shape] = seconds_per_update(c, args.cpus_per_task, device)
-        rate, interval = 1 / measured[shape], min(c.eval_every, c.update_steps)
-        if interval / rate > available:
-            raise UserError(
-                f"--time {args.time} cannot hold one evaluation interval of {run.label}: {interval} updates take "
-                f"{interval / rate / 60:.0f} min at the {rate:.1f} updates/s this model trains at on this machine's "
-                f"{device.upper()} with {args.cpus_per_task} thread(s), and --signal_delay keeps {args.signal_delay} s "
-                "for the checkpoint; raise --time or lower eval_every")
+    from train_speed import time_updates, write_synthetic_d4rl
+
+    measured, threads = {}, torch.get_num_threads()  # seconds per update of each model shape
+    torch.set_num_threads(args.cpus_per_task)
+    try:
+        for run in runs:
+            c = replace(run.config, compile=False)
+            shape = (c.embedding_dim, c.num_layers, c.num_heads, c.seq_len, c.batch_size, c.micro_batch, c.bf16)
+            if shape not in measured:  # dt.py's update on a synthetic 17-dim-state dataset, as train_speed.py times
+                print(f"  timing {run.label}'s update on this {device.upper()} for the --time check", flush=True)
+                with tempfile.TemporaryDirectory() as folder:
+                    write_synthetic_d4rl(Path(folder) / "data.hdf5", 5_000)
+                    data = prepare_data(load_d4rl_hdf5(Path(folder) / "data.hdf5"), c.reward_scale)
+                measured[shape] = float(time_updates(c, data, torch.device(device), 1, 1)[1].sum())
+                if measured[shape] < 0.1:  # 1 update after a warm-up one; the mean of 4 more when that was quick
+                    measured[shape] = float(time_updates(c, data, torch.device(device), 4, 1)[1].sum())
+            seconds = min(c.eval_every, c.update_steps) * measured[shape]
+            if seconds > available:
+                raise UserError(
+                    f"--time {args.time} cannot hold one evaluation interval of {run.label}: "
+                    f"{min(c.eval_every, c.update_steps)} updates take {seconds / 60:.0f} min at the "
+                    f"{1 / measured[shape]:.1f} updates/s this model trains at on this machine's {device.upper()} with "
+                    f"{args.cpus_per_task} thread(s), and --signal_delay keeps {args.signal_delay} s for the "
+                    "checkpoint; raise --time or lower eval_every")
+    finally:
+        torch.set_num_threads(threads)
     return minutes
 
 
@@ -579,15 +479,15 @@ def queued_tasks(grid_dir: Path) -> Dict[str, Tuple[str, str, str]]:
     """label -> (job id, SLURM state, reason) of the grid's tasks SLURM still knows: squeue, and sacct where the
     cluster keeps accounting (squeue forgets a finished job after MinJobAge, 300 s by default)."""
     jobs, known = read_plan(grid_dir).get("slurm", {}), {}
-    if not jobs or shutil.which("squeue") is None:
+    if not jobs:
         return {}
-    with contextlib.suppress(UserError):
+    with contextlib.suppress(UserError):  # no squeue here (or no answer): the run folders alone tell
         for line in slurm("squeue", "-h", "-r", "--states=all", "-o", "%i|%T|%r").splitlines():
             job, state, reason = line.split("|")
             known[job] = (state, "" if reason == "None" else reason)
     missing = ",".join(sorted({job.split("_")[0] for job in jobs.values() if job not in known}))
-    if missing and shutil.which("sacct"):
-        with contextlib.suppress(UserError):  # without accounting sacct fails: squeue is all there is
+    if missing:
+        with contextlib.suppress(UserError):  # no sacct, or no accounting: squeue is all there is
             for line in slurm("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", missing).splitlines():
                 known.setdefault(line.split("|")[0], (line.split("|")[1].split()[0], ""))
     return {label: (job, *known[job]) for label, job in jobs.items() if job in known}
@@ -600,7 +500,13 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
         import submitit
     except ImportError as err:
         raise UserError(f"--executor slurm needs {err.name}: pip install -r requirements-dev.txt") from None
-    sbatch = dict(parse_sbatch_option(option) for option in args.sbatch)
+    sbatch = {}
+    for option in args.sbatch:  # account=abc -> --account=abc, exclusive -> --exclusive
+        key, sep, value = option.strip().lstrip("-").partition("=")
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+            raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. --sbatch "
+                            f"account=abc --sbatch exclusive), got '{option}'")
+        sbatch[key] = value if sep else True
     states, plan = triage(runs, grid_dir), read_plan(grid_dir).get("runs", {})
     print(flush=True)
     other = [f"{label}: {detail}" for label, (state, detail) in states.items() if state == "conflict"] + \
@@ -613,15 +519,14 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
         print(f"  {label}: already queued as SLURM job {job}, not submitted again")
     todo = [run for run in runs if states[run.label][0] != "done" and run.label not in queued]
     minutes = check_slurm(todo, args)
-    tasks = [make_task(run, grid_dir, *run_resources(0, 1, run.config, [], args.cpus_per_task, overrides)[:2])
-             for run in todo]  # SLURM gives each task its GPUs (CUDA_VISIBLE_DEVICES)
+    tasks = [make_task(run, grid_dir, args.cpus_per_task, None, overrides) for run in todo]  # SLURM sets the GPUs
     if not tasks or args.dry_run:
         for task in tasks:
-            print(f"  {' '.join(f'{k}={v}' for k, v in task.env.items())} {' '.join(task.command)}")
+            print(f"  [{states[task.label][0]}] {' '.join(f'{k}={v}' for k, v in task.env.items())} "
+                  f"{' '.join(task.command)}")
         print("nothing to submit" if not tasks else "dry run: nothing submitted")
         return 0
-    if __name__ != "__main__":  # imported (tests): RunTask is still pickled by value, tasks do not import this file
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # RunTask by value: tasks do not import this file
     folder = grid_dir / "slurm"
     created = [path for path in (grid_dir, folder) if not path.exists()]
     try:
@@ -657,32 +562,7 @@ def submit_slurm(runs: List[GridRun], grid_dir: Path, args: argparse.Namespace, 
     return 0
 
 
-def parse_sbatch_option(text: str) -> Tuple[str, object]:
-    """--sbatch account=abc / --sbatch exclusive -> ("account", "abc") / ("exclusive", True)."""
-    key, sep, value = text.strip().lstrip("-").partition("=")
-    if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
-        raise UserError(f"--sbatch takes an sbatch option without its dashes, KEY=VALUE or KEY (e.g. --sbatch "
-                        f"account=abc --sbatch exclusive), got '{text}'")
-    return key, value if sep else True
-
-
-# ----------------------------------------------------------------------------------------------
-# Status: every run of a grid, from its folder and SLURM
-# ----------------------------------------------------------------------------------------------
-def folder_locked(run_dir: Path) -> bool:
-    """Whether a process on this machine (a grid, dt.py) holds the run folder's lock: the run is going."""
-    if not (run_dir / LOCK_NAME).exists():
-        return False
-    try:
-        with open(run_dir / LOCK_NAME, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
+# --- Status: every run of a grid, from its folder and SLURM ---
 def status(grid_dir: Path) -> int:
     """One row per run: config, seed, state, step reached, last score at the highest target, SLURM job, note."""
     from report import read_run  # the report's reading of a run folder: both agree on what finished
@@ -695,28 +575,35 @@ def status(grid_dir: Path) -> int:
     queue, rows = queued_tasks(grid_dir), []
     for label in labels:
         run_dir, log = grid_dir / label, grid_dir / label / LOG_NAME
-        result = read_run(run_dir) if run_dir.is_dir() else None
+        result = read_run(run_dir)  # None only for an eval-only folder
         job, queued, reason = queue.get(label, (plan.get("slurm", {}).get(label, "-"), "", ""))
         last = ([line for line in log.read_text(errors="replace").splitlines() if line.startswith("=== ")] or [""]
                 )[-1].partition(" grid")[2] if log.exists() else ""
-        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or (run_dir.is_dir() and folder_locked(run_dir)):
+        try:  # a process on this machine (a grid, dt.py) holding the folder's lock: the run is going
+            with open(run_dir / LOCK_NAME) as handle:  # read-only: no lock file is made where there is none
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            locked = False
+        except OSError as err:  # no lock file, or no flock on this file system: not locked
+            locked = isinstance(err, BlockingIOError)
+        if queued in ("RUNNING", "COMPLETING", "SIGNALING") or locked:
             state, note = "running", ""
         elif queued in ACTIVE:
             state, note = "pending", f"{queued.lower()}{f' ({reason})' if reason else ''}"
-        elif result is not None and result.status == "finished":
+        elif result and result.status == "finished":
             state, note = "done", ""
         elif ": FAILED" in last:
             state, note = "failed", last.partition(": ")[2]
+        elif last:
+            state, note = "stopped", "the grid command resumes it" if "stopped" in last else \
+                "ended without an outcome line (killed)"
         else:
-            state = "stopped" if last else "pending"
-            note = ("the grid command resumes it" if "stopped" in last else "ended without an outcome line (killed)"
-                    ) if last else "not queued: the grid command starts it"
+            state, note = "pending", "not queued: the grid command starts it"
         if queued and queued not in ACTIVE + ("COMPLETED",) and (queued, state) != ("FAILED", "failed"):
             note = f"SLURM {queued}; {note}"  # TIMEOUT, CANCELLED, PREEMPTED, NODE_FAIL, OUT_OF_MEMORY, ...
         step = f"{last_logged_step(run_dir)}/{yaml.safe_load((run_dir / 'config.yaml').read_text())['update_steps']}" \
             if (run_dir / "config.yaml").exists() else "-"
-        score = f"{result.curve[-1][1]:.2f}" if result is not None and result.curve else "-"
-        target = f"{result.target:g}" if result is not None and result.target is not None else "-"
+        score = f"{result.curve[-1][1]:.2f}" if result and result.curve else "-"
+        target = f"{result.target:g}" if result and result.target is not None else "-"
         config, _, seed = label.rpartition("-seed")
         rows.append([config, seed, state, step, score, target, job, note])
     header = ["config", "seed", "state", "step", "last score", "target", "SLURM job", "note"]
@@ -728,47 +615,36 @@ def status(grid_dir: Path) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# wandb sweep
-# ----------------------------------------------------------------------------------------------
-def sweep_spec(runs: List[GridRun], configs: List[str], seeds: List[int], overrides: List[Tuple[str, str]],
-               runs_dir: str, name: str, project: Optional[str]) -> Dict:
-    """A wandb sweep (method grid) over config_path x train_seed with the overrides fixed.
-
-    `wandb agent` runs `python algorithms/dt.py --config_path=... --train_seed=... --key=value ...`
-    (the default command, ${args}: every parameter as --name=value); values are strings dt.py parses
-    as the command line does (null, [3600,1800]), so they are written as typed.
-    """
-    projects = {run.config.project for run in runs}
-    parameters = {"config_path": {"values": list(dict.fromkeys(configs))},
-                  "train_seed": {"values": list(dict.fromkeys(seeds))}}
-    parameters.update({key: {"value": value} for key, value in overrides})
-    parameters.setdefault("runs_dir", {"value": runs_dir})
-    spec = {"program": DT_SCRIPT, "method": "grid", "name": name}
-    if project or len(projects) == 1:  # a sweep logs to one project; wandb ignores the config's own
-        spec["project"] = project or projects.pop()
-    spec["parameters"] = parameters
-    spec["command"] = ["${env}", "${interpreter}", "${program}", "${args}"]
-    return spec
-
-
-def write_sweep(spec: Dict, out: Path, command_line: str) -> None:
-    header = (f"# wandb sweep: {len(spec['parameters']['config_path']['values'])} configs x "
-              f"{len(spec['parameters']['train_seed']['values'])} seeds. Made by:\n#   {command_line}\n"
-              f"# Use (from the repository root, on each machine):\n#   wandb sweep {out}\n"
-              "#   wandb agent <entity>/<project>/<sweep id>\n")
+# --- wandb sweep ---
+def write_sweep(runs: List[GridRun], args: argparse.Namespace, overrides: List[Tuple[str, str]],
+                argv: List[str]) -> None:
+    """The grid as a wandb sweep YAML (method grid over config_path x train_seed, the overrides fixed). `wandb agent`
+    runs `python algorithms/dt.py --config_path=... --train_seed=... --key=value ...` (${args}), which dt.py parses
+    as its command line (null, [3600,1800]), so values are written as typed."""
+    out, projects = Path(args.out), {run.config.project for run in runs}
+    parameters = {"config_path": {"values": list(dict.fromkeys(args.configs))},
+                  "train_seed": {"values": list(dict.fromkeys(args.seeds))}, **{k: {"value": v} for k, v in overrides}}
+    parameters.setdefault("runs_dir", {"value": args.runs_dir or f"runs/{out.stem}"})
+    spec = {"program": DT_SCRIPT, "method": "grid", "name": out.stem}
+    if args.project or len(projects) == 1:  # a sweep logs to one project; wandb ignores the config's own
+        spec["project"] = args.project or projects.pop()
+    spec.update(parameters=parameters, command=["${env}", "${interpreter}", "${program}", "${args}"])
+    configs, seeds = len(parameters["config_path"]["values"]), len(parameters["train_seed"]["values"])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(header + yaml.safe_dump(spec, sort_keys=False, default_flow_style=False))
-        os.replace(tmp, out)
+        out.with_name(out.name + ".tmp").write_text(
+            f"# wandb sweep: {configs} configs x {seeds} seeds. Made by:\n"
+            f"#   python benchmarks/grid.py {' '.join(argv)}\n"
+            f"# Use (from the repository root, on each machine):\n#   wandb sweep {out}\n"
+            "#   wandb agent <entity>/<project>/<sweep id>\n" + yaml.safe_dump(spec, sort_keys=False))
+        os.replace(out.with_name(out.name + ".tmp"), out)
     except OSError as err:
         raise UserError(f"cannot write {out} ({err.strerror or err})") from None
+    print(f"wrote {out}: {len(runs)} runs ({configs} configs x {seeds} seeds); start it with `wandb sweep {out}`, "
+          "then `wandb agent <entity>/<project>/<id>` on each machine")
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+# --- Main ---
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -782,8 +658,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          help="a TrainConfig field for every run, as on dt.py's command line (repeatable)")
         if name == "sweep":
             sub.add_argument("--out", required=True, help="sweep YAML to write")
-            sub.add_argument("--runs_dir", help="runs_dir of the sweep's runs on each machine "
-                             "(default runs/<out stem>)")
+            sub.add_argument("--runs_dir", help="the runs' runs_dir on each machine (default runs/<out stem>)")
             sub.add_argument("--project", help="wandb project (default: the configs' project field)")
             continue
         sub.add_argument("--grid_dir", required=True, help="folder of the run folders <config label>-seed<k>")
@@ -816,17 +691,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit(status(Path(args.grid_dir)))
         overrides = parse_overrides(args.set)
         runs = plan_grid(args.configs, args.seeds, overrides)
-        if args.command == "run" and args.executor == "slurm":
-            sys.exit(submit_slurm(runs, Path(args.grid_dir), args, dict(overrides)))
-        if args.command == "run":
-            sys.exit(run_grid(runs, Path(args.grid_dir), args.parallel, args.status_every, dict(overrides),
-                              args.dry_run))
-        out = Path(args.out)
-        spec = sweep_spec(runs, args.configs, args.seeds, overrides, args.runs_dir or f"runs/{out.stem}", out.stem,
-                          args.project)
-        write_sweep(spec, out, "python benchmarks/grid.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        print(f"wrote {out}: {len(runs)} runs ({len(set(args.configs))} configs x {len(set(args.seeds))} seeds); "
-              f"start it with `wandb sweep {out}`, then `wandb agent <entity>/<project>/<id>` on each machine")
+        if args.command == "sweep":
+            return write_sweep(runs, args, overrides, argv if argv is not None else sys.argv[1:])
+        sys.exit((submit_slurm if args.executor == "slurm" else run_grid)(runs, Path(args.grid_dir), args,
+                                                                         dict(overrides)))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -93,12 +93,19 @@ def no_network(tmp: Path) -> list:
     return ["--env_name", "walker2d-medium-replay-v2"]
 
 
+def needs_video_packages() -> None:
+    for module in ("imageio", "imageio_ffmpeg", "PIL"):  # else the missing package is the error, not rendering
+        pytest.importorskip(module)
+
+
 def no_offscreen_rendering(tmp: Path) -> list:
+    needs_video_packages()
     os.environ["MUJOCO_GL"] = "nonsense"  # restored by the monkeypatch in the test; gymnasium rejects it at render
     return ["--eval_video", "1"]
 
 
 def eval_only_without_rendering(tmp: Path, checkpoint: Path) -> list:
+    needs_video_packages()
     os.environ["MUJOCO_GL"] = "nonsense"
     return ["--eval_checkpoint", str(checkpoint), "--eval_video", "1"]
 

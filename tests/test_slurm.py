@@ -26,6 +26,7 @@ import yaml
 import dt
 from conftest import ROOT
 
+pytest.importorskip("submitit")  # --executor slurm submits through it (requirements-dev.txt)
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "benchmarks")]
 import grid  # noqa: E402
 import local_slurm  # noqa: E402

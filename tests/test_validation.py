@@ -80,6 +80,7 @@ def test_val_loss_logged_at_every_evaluation_and_exact_after_resume(env, tmp_pat
 
 
 def test_report_curves_include_val_loss(tmp_path):
+    pytest.importorskip("matplotlib")  # the curves are matplotlib PNGs (requirements-dev.txt)
     sys.path.insert(0, str(dt.Path(__file__).resolve().parents[1] / "benchmarks"))
     import report
     folder = tmp_path / "runs" / "seed0"

@@ -31,7 +31,7 @@ import local_slurm  # noqa: E402
 
 D4RL = sorted(str(p.relative_to(ROOT)) for family in ("halfcheetah", "hopper", "walker2d")
               for p in (ROOT / "configs/dt" / family).glob("*_v2.yaml"))
-DATA = ["dataset_path=datasets/hopper_medium_replay.hdf5", "eval_env=Hopper-v4", "device=cpu", "eval_workers=0",
+DATA = ["dataset_path=data/hopper_medium_replay.hdf5", "eval_env=Hopper-v4", "device=cpu", "eval_workers=0",
         "batch_size=64", "target_returns=[3600]",
         "eval_episodes=1", "log_every=1"]
 

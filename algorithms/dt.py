@@ -112,7 +112,6 @@ class TrainConfig:
     val_fraction: float = 0.0  # fraction of trajectories held out (drawn with train_seed) to log val_loss (0: none)
 
 
-
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing data); main() prints it as one line."""
 

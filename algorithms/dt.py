@@ -1,9 +1,7 @@
-"""Decision Transformer (Chen et al., 2021) for offline RL on D4RL-format data and Minari datasets, in one file.
-
-Read top to bottom: config -> data -> model -> evaluation -> logging -> training -> main.
-The algorithm follows the CORL baseline detail by detail (see README.md, "Algorithm"), with two
-improvements: a trailing trajectory piece without terminal/timeout flag is kept, and the loss is
-the true mean over real (unpadded) steps.
+"""Decision Transformer (Chen et al., 2021) for offline RL on D4RL-format and Minari data, in one file, read top to
+bottom: config -> data -> model -> evaluation -> logging -> training -> main. It follows CORL's baseline detail by
+detail (README.md, "Algorithm"), but keeps a trailing trajectory piece without terminal/timeout flag and averages
+the loss over real (unpadded) steps only.
 
     python algorithms/dt.py --config_path configs/dt/hopper/medium_v2.yaml [--field value ...]
 """
@@ -14,7 +12,6 @@ import difflib
 import functools
 import importlib.util
 import inspect
-
 import io
 import json
 import multiprocessing as mp
@@ -28,9 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -125,19 +120,18 @@ def validate_config(config: TrainConfig) -> None:
     for name in ("attention_dropout", "residual_dropout", "embedding_dropout", "val_fraction"):
         if not 0.0 <= getattr(c, name) < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {getattr(c, name)}")
+    for name in ("micro_batch", "warmup_steps", "train_seed", "eval_seed", "weight_decay"):
+        if getattr(c, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(c, name)}")
     checks = [  # (holds, what to say when it does not)
         (c.embedding_dim % c.num_heads == 0, f"embedding_dim ({c.embedding_dim}) must be divisible by num_heads ({c.num_heads})"),
         (min(c.max_action, c.reward_scale, c.learning_rate) > 0, "max_action, reward_scale and learning_rate must be positive"),
         (len(c.target_returns) > 0, "target_returns is empty; give at least one, e.g. --target_returns '[3600,1800]'"),
         (len(set(c.target_returns)) == len(c.target_returns),
          f"target_returns has repeated values {c.target_returns}; give each target once"),
-        (c.micro_batch >= 0, f"micro_batch must be >= 0 (0: automatic), got {c.micro_batch}"),
         (c.eval_workers >= -1, "eval_workers must be -1 (auto), 0 (in-process) or a number of processes, "
                                f"got {c.eval_workers}"),
-        (c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}"),
-        (min(c.train_seed, c.eval_seed) >= 0, f"train_seed and eval_seed must be >= 0, got {c.train_seed} and {c.eval_seed}"),
-        (c.weight_decay >= 0 and len(c.betas) == 2 and all(0.0 <= b < 1.0 for b in c.betas),
-         f"weight_decay must be >= 0 and betas two values in [0, 1), got {c.weight_decay} and {c.betas}"),
+        (len(c.betas) == 2 and all(0.0 <= b < 1.0 for b in c.betas), f"betas must be two values in [0, 1), got {c.betas}"),
         (c.dataset_source in ("d4rl", "hf"), f"dataset_source must be d4rl or hf, got '{c.dataset_source}'"),
         (c.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got '{c.activation}'"),
         (c.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got '{c.lr_schedule}'"),
@@ -242,11 +236,6 @@ def d4rl_file_name(env_name: str) -> str:
     return f"{env}_{kind.replace('-', '_')}-{version}.hdf5"
 
 
-def d4rl_dataset_dir(config: TrainConfig) -> Path:
-    default = os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets"
-    return Path(config.dataset_dir or default).expanduser()
-
-
 def resolve_dataset(config: TrainConfig) -> DatasetSource:
     """Where the data lives, which env evaluates it, and which reference scores normalize it."""
     env = config.env_name.split("-", 1)[0]
@@ -261,27 +250,24 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
         root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")  # as Minari finds it
         return DatasetSource(root / dataset_id, None, config.eval_env or env_id, *_checked_refs(ref_min, ref_max),
                              minari_id=dataset_id)
+    path, url, attrs = None, None, {}  # None: loaded by name from the Hub
     if config.dataset_path is not None:
-        path, url, attrs = Path(config.dataset_path).expanduser(), None, {}
-        if hub and not path.is_dir():
-            raise UserError(f"dataset_path '{path}' is not a folder; with dataset_source hf point it to a dataset "
-                            "folder written by datasets' save_to_disk")
-        elif not hub:
-            if path.is_dir():
-                raise UserError(f"dataset_path '{path}' is a folder; point it to a D4RL-layout HDF5 file")
-            if not path.is_file():
-                raise UserError(f"dataset_path '{path}' does not exist; point it to a D4RL-layout HDF5 file")
+        path = Path(config.dataset_path).expanduser()
+        if hub != path.is_dir() or not path.exists():  # hf: a save_to_disk folder, else an HDF5 file
+            problem = "is a folder" if path.is_dir() else "does not exist" if not path.exists() else "is not a folder"
+            wanted = "a folder written by datasets' save_to_disk" if hub else "a D4RL-layout HDF5 file"
+            raise UserError(f"dataset_path '{path}' {problem}; point it to {wanted}")
+        if not hub:
             try:
                 with h5py.File(path, "r") as f:  # the dataset tool stores env id and reference scores as attributes
                     attrs = dict(f.attrs)
             except OSError as err:
                 raise UserError(f"cannot read {path} as HDF5 ({err}); fix dataset_path") from None
-    elif is_d4rl and hub:
-        path, url, attrs = None, None, {}  # loaded by name from the Hub
-    elif is_d4rl:
+    elif is_d4rl and not hub:
         name = d4rl_file_name(config.env_name)
-        path, url, attrs = d4rl_dataset_dir(config) / name, D4RL_URL.format(file=name), {}
-    else:
+        folder = config.dataset_dir or os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets"
+        path, url = Path(folder).expanduser() / name, D4RL_URL.format(file=name)
+    elif not is_d4rl:
         close = difflib.get_close_matches(config.env_name, D4RL_NAMES + list(D4RL_TO_MINARI), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(D4RL_NAMES + list(D4RL_TO_MINARI))}."
         raise UserError(f"unknown D4RL dataset '{config.env_name}'.{hint} "
@@ -313,23 +299,14 @@ def _first(*values: Any) -> Any:
 
 
 def download(url: str, path: Path) -> None:
-    """Download to a temp file beside `path`, then rename: an interrupted download leaves nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    """torch.hub's download: into a temporary file beside `path`, renamed when complete (or removed)."""
+    print(f"downloading {url} to {path}")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.build_opener().open(url, timeout=30) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as err:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path))
+    except OSError as err:  # URLError, HTTPError (a 404) and socket errors are OSErrors
         raise UserError(f"dataset {path} is missing and downloading it from {url} failed ({err}); "
                         f"download it by hand to {path}, or set dataset_path") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
@@ -386,13 +363,9 @@ def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
             loaded = datasets.load_from_disk(str(source))
         else:
             huggingface_hub.utils.logging.set_verbosity_error()  # no retry warnings: the error below says it all
-            try:
-                loaded = datasets.load_dataset(HF_D4RL_REPO, source, split="train")
-            except RuntimeError as err:  # datasets >= 4 runs no loading scripts: read the Hub's parquet export
-                if "scripts" not in str(err):
-                    raise
-                loaded = datasets.load_dataset(HF_D4RL_REPO, data_files={"train": f"{source}/train/*.parquet"},
-                                               revision="refs/convert/parquet", split="train")
+            # the repo is a loading script, which datasets >= 4 does not run: read the Hub's parquet export of it
+            loaded = datasets.load_dataset(HF_D4RL_REPO, data_files={"train": f"{source}/train/*.parquet"},
+                                           revision="refs/convert/parquet", split="train")
     except (OSError, ValueError, RuntimeError) as err:  # ConnectionError and FileNotFoundError are OSErrors
         raise UserError(f"cannot load {source} with datasets ({err}); without network set dataset_path to a copy "
                         "saved with save_to_disk, or set HF_HUB_OFFLINE=1 to reuse a cached download") from None
@@ -715,7 +688,6 @@ class DecisionTransformer(nn.Module):
 def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                real_entries: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE over real steps only (CORL also counts padded entries); real_entries: the whole batch's, for a chunk."""
-
     squared = ((predicted - target) ** 2).sum(-1) * mask
     return squared.sum() / (mask.sum() * target.shape[-1] if real_entries is None else real_entries)
 
@@ -948,8 +920,6 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
     for all; returns [episodes]. timing gains model and env seconds; videos: an mp4 path (or None) per episode."""
     num, K, S, A = len(targets), model.seq_len, model.state_dim, model.action_dim
     clock = time.perf_counter
-    mean = torch.as_tensor(state_mean, device=device)
-    std = torch.as_tensor(state_std, device=device)
     live = np.arange(num)  # episode index of each batch row
     observations = envs.reset(live, seeds)
     # the last K steps of every live episode; the newest step sits at index K-1
@@ -964,7 +934,7 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
                   for e, path in enumerate(() if videos is None else videos) if path}
         for t in range(model.episode_len):
             start = clock()
-            states[:, -1] = (torch.as_tensor(observations, dtype=torch.float32, device=device) - mean) / std
+            states[:, -1] = torch.as_tensor((observations.astype(np.float32) - state_mean) / state_std, device=device)
             timesteps[:, -1] = t
             actions[:, -1] = 0.0  # placeholder for the action being chosen
             context = min(t + 1, K)  # prompt grows from 1 to K steps, no padding
@@ -1002,8 +972,6 @@ def evaluate(model: DecisionTransformer, envs: EvalEnvs, target_returns: Tuple[f
     eval_seed + i. With workers on CPU each runs its episodes' rollout with a model copy; on GPU the model runs
     here and workers step envs. Rendering envs record to <video_prefix>_target<target>_ep<i>.mp4."""
     num = eval_episodes * len(target_returns)
-    if envs.num_envs < num:
-        raise ValueError(f"need {num} envs, got {envs.num_envs}")
     targets = np.repeat(np.asarray(target_returns, dtype=np.float64), eval_episodes)  # episode e -> its target
     seeds = np.tile(np.arange(eval_episodes), len(target_returns)) + eval_seed
     videos = np.array([f"{video_prefix}_target{targets[e]}_ep{e % eval_episodes}.mp4"  # env e runs episode e
@@ -1087,30 +1055,25 @@ class RunLogger:
             raise UserError(f"wandb could not start ({str(err).splitlines()[0]}); fix the key or set "
                             "WANDB_MODE=offline") from None
 
-    def log_videos(self, paths: List[Path], step: int) -> None:
-        """To wandb only (metrics.jsonl holds numbers), in the row of the step's evaluation: log() commits it."""
-        if paths:
-            self.run.log({"video/" + p.stem.split("_", 1)[1]: self.wandb.Video(str(p), format="mp4") for p in paths},
-                         step=step, commit=False)
-
-    def log(self, metrics: Dict[str, float], step: int, commit: bool = True) -> None:
+    def log(self, metrics: Dict[str, float], step: int, commit: bool = True, videos: List[Path] = ()) -> None:
+        """A row of numbers to metrics.jsonl and wandb; the mp4 videos go to wandb only, in the same row."""
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.run.log(metrics, step=step, commit=commit)
+        media = {"video/" + p.stem.split("_", 1)[1]: self.wandb.Video(str(p), format="mp4") for p in videos}
+        self.run.log({**metrics, **media}, step=step, commit=commit)
 
     def finish(self) -> None:
         self.run.finish()
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(temporary path), then rename it to path: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one (kill -9 included)
+        write(tmp)
+        os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)  # a write cut off by an error (kill -9: open_run_dir removes it)
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
@@ -1124,16 +1087,6 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
     return rows
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the rows of metrics.jsonl up to last_step (the checkpoint a resumed run restarts from)."""
-    if not path.exists():
-        return
-    keep = [json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
 
 
 # --- Checkpoints, resume and eval-only --------------------------------------------------------
@@ -1176,18 +1129,12 @@ def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ..
     except Exception as err:
         raise UserError(f"the saved config does not load ({str(err).splitlines()[0]}); it was made by another "
                         "version of algorithms/dt.py") from None
-    default, ignored = TrainConfig(), []
     given = getattr(cli, "given", None)  # set by parse_config; a config built in code: its non-default fields
-    given = given if given is not None else {k for k, v in asdict(cli).items() if v != getattr(default, k)}
-    for name in sorted(given & set(asdict(cli))):
-        value = getattr(cli, name)
-        if value == getattr(config, name):
-            continue
-        if name in allowed:
-            setattr(config, name, value)
-        else:
-            ignored.append(name)
-    if ignored:
+    given = given if given is not None else {k for k, v in asdict(cli).items() if v != getattr(TrainConfig(), k)}
+    changed = [name for name in sorted(given & set(asdict(cli))) if getattr(cli, name) != getattr(config, name)]
+    for name in set(changed) & set(allowed):
+        setattr(config, name, getattr(cli, name))
+    if ignored := [name for name in changed if name not in allowed]:
         print(f"warning: the run's saved config is used; ignoring command-line {', '.join(ignored)}", file=sys.stderr)
     return config
 
@@ -1245,13 +1192,11 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
         create_dirs(run_dir, *([run_dir / "videos"] if config.eval_video else []))  # only now: an error or
         for video in Path(videos).glob("*.mp4"):  # Ctrl+C during evaluation leaves nothing behind
             shutil.move(str(video), run_dir / "videos" / video.name)
-    with open(run_dir / "config.yaml", "w") as f:
-        pyrallis.dump(config, f)
+    atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(pyrallis.dump(config)))
     scores = eval_metrics(results, ref_min, ref_max)
     print(format_eval_table(checkpoint["step"], scores, config.target_returns))
     logger = RunLogger(config, run_dir.name, run_dir, job_type="eval")
-    logger.log_videos(sorted((run_dir / "videos").glob("*.mp4")), checkpoint["step"])
-    logger.log(scores, step=checkpoint["step"])
+    logger.log(scores, step=checkpoint["step"], videos=sorted((run_dir / "videos").glob("*.mp4")))
     logger.finish()
     return scores
 
@@ -1393,13 +1338,14 @@ def open_run_dir(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Tuple
     config.run_dir = str(run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
     ckpt_dir = checkpoint_dir(config, run_dir)
     create_dirs(run_dir, ckpt_dir, *([run_dir / "videos"] if config.eval_video else []))
-    for stale in ckpt_dir.glob("*.pt.tmp-*"):  # a checkpoint write cut off by kill -9
+    for stale in {*ckpt_dir.glob("*.tmp-*"), *run_dir.glob("*.tmp-*")}:  # a write cut off by kill -9
         stale.unlink()
     if resume is None:
-        with open(run_dir / "config.yaml.tmp", "w") as f:
-            pyrallis.dump(config, f)
-        os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
-    truncate_metrics(run_dir / "metrics.jsonl", resume["step"] if resume else 0)  # rows after the checkpoint go
+        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(pyrallis.dump(config)))
+    last_step = resume["step"] if resume else 0  # metrics.jsonl's rows after the checkpoint this run restarts from go
+    if (metrics := run_dir / "metrics.jsonl").exists():
+        keep = [json.dumps(row) + "\n" for row in read_metrics(metrics) if row["step"] <= last_step]
+        atomic_write(metrics, lambda tmp: tmp.write_text("".join(keep)))
     return run_dir, ckpt_dir
 
 
@@ -1458,7 +1404,7 @@ class Run:
             "loss_sum": self.loss_sum.detach().cpu(), "loss_count": self.loss_count,
         }
         for name in names:
-            atomic_torch_save(checkpoint, self.ckpt_dir / name)
+            atomic_write(self.ckpt_dir / name, functools.partial(torch.save, checkpoint))
 
     def check_finite(self, first_bad_step: torch.Tensor) -> None:
         """Stop at the first update whose loss was NaN/inf, or now if the weights became so."""
@@ -1489,8 +1435,7 @@ class Run:
         scores = eval_metrics(results, self.source.ref_min_score, self.source.ref_max_score)
         if self.val is not None:
             scores["val_loss"] = validation_loss(self.model, self.val)
-        self.logger.log_videos(sorted(videos.glob(f"step{step}_*.mp4")), step)
-        self.logger.log(scores, step=step)
+        self.logger.log(scores, step=step, videos=sorted(videos.glob(f"step{step}_*.mp4")))
         self.metrics.update(scores)
         tqdm.write(format_eval_table(step, scores, config.target_returns))
         top_target = max(config.target_returns)  # "best" is judged at the highest target, as the tables report
@@ -1531,9 +1476,7 @@ def start_run(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Run:
 
 
 def train(config: TrainConfig) -> Dict[str, float]:
-    """Train, evaluate and checkpoint every eval_every steps; a run_dir holding a run resumes it (bit for bit on
-    CPU). Returns the last metrics."""
-
+    """Train, evaluate and checkpoint every eval_every steps -> the last metrics; a run_dir holding a run resumes it."""
     config, resume = resume_point(config)
     if resume is not None and resume["step"] >= config.update_steps:
         print(f"{config.run_dir} has finished all {config.update_steps} steps; nothing to do")

@@ -127,7 +127,7 @@ def test_worker_rollout_errors_reach_the_caller():
     model = hopper_model(episode_len=20)
     envs = dt.EvalEnvs(strict_hopper, 2, workers=2)
     try:
-        with pytest.raises(RuntimeError, match="worker .* failed: RuntimeError"):  # wrong state size for the model
+        with pytest.raises(RuntimeError, match="worker .* failed: ValueError"):  # wrong state size: no broadcast
             dt.evaluate(model, envs, (3600.0,), 2, 0, np.zeros(5, np.float32), np.ones(5, np.float32), 0.001, CPU)
         ok = dt.evaluate(model, envs, (3600.0,), 2, 0, np.zeros(11, np.float32), np.ones(11, np.float32), 0.001, CPU)
     finally:

@@ -153,9 +153,9 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path, capsys):
     config = dt.TrainConfig(**SMALL, env_name="hopper-medium-v2", reward_scale=0.01, target_returns=(3600.0, 1800.0))
     model = perturbed_model(config, state_dim=11, action_dim=3)
     state_mean, state_std = np.linspace(-1, 1, 11).astype(np.float32) / 3, np.linspace(0.5, 2, 11).astype(np.float32) / 3
-    dt.atomic_torch_save({"model_state": model.state_dict(), "state_mean": state_mean, "state_std": state_std,
-                          "config": dataclasses.asdict(config), "step": 7,
-                          "state_dim": 11, "action_dim": 3}, tmp_path / "checkpoint.pt")
+    torch.save({"model_state": model.state_dict(), "state_mean": state_mean, "state_std": state_std,
+                "config": dataclasses.asdict(config), "step": 7, "state_dim": 11, "action_dim": 3},
+               tmp_path / "checkpoint.pt")
     out = tmp_path / "exported"
     export_hf.main([str(tmp_path / "checkpoint.pt"), str(out)])
     assert "max action difference to the checkpoint's model" in capsys.readouterr().out

@@ -80,7 +80,7 @@ def test_recording_leaves_the_returns_unchanged(tmp_path, workers):
 def test_a_failed_rollout_leaves_no_video(tmp_path):
     envs = dt.EvalEnvs(LONG_HOPPER, 2, render=[0])
     try:
-        with pytest.raises(RuntimeError):  # state statistics of the wrong size: the first forward pass fails
+        with pytest.raises(ValueError):  # state statistics of the wrong size: the first step fails
             dt.evaluate(small_model(), envs, (3600.0,), 2, 0, np.zeros(5, np.float32), np.ones(5, np.float32),
                         0.001, CPU, video_prefix=str(tmp_path / "step1"))
     finally:

@@ -92,9 +92,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for training on CUDA (ignored on CPU)
     fused_adamw: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
     micro_batch: int = 0  # windows per forward/backward chunk, gradients summed; 0: whole batch on GPU, 64 on CPU
-    # evaluation worker processes, each with its share of the envs (CPU: and its own batched rollout of them;
-    # GPU: they step envs for the model here); 0: in the training process; -1: one per core, at most one per 16 envs
-    eval_workers: int = -1
+    eval_workers: int = -1  # env processes (CPU: own rollouts; GPU: env steps); 0: in-process; -1: one per 16 envs, <= cores
     log_every: int = 100  # log train_loss (mean over the interval) and learning_rate every log_every steps
     run_dir: Optional[str] = None  # this run's folder (default: new in runs_dir); one holding a run resumes from it
     eval_checkpoint: Optional[str] = None  # evaluate this .pt file or run folder with the eval_* fields given, then exit
@@ -260,7 +258,8 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
         if not hub:
             try:
                 with h5py.File(path, "r") as f:  # the dataset tool stores env id and reference scores as attributes
-                    attrs = dict(f.attrs)
+                    attrs = {k: v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
+                             for k, v in f.attrs.items()}  # as Python str and float
             except OSError as err:
                 raise UserError(f"cannot read {path} as HDF5 ({err}); fix dataset_path") from None
     elif is_d4rl and not hub:
@@ -272,12 +271,12 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
         hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(D4RL_NAMES + list(D4RL_TO_MINARI))}."
         raise UserError(f"unknown D4RL dataset '{config.env_name}'.{hint} "
                         "For your own HDF5 file set dataset_path and eval_env.")
-    eval_env = config.eval_env or _attr(attrs, "env_id") or (D4RL_ENVS[env] if is_d4rl else None)
+    eval_env = config.eval_env or attrs.get("env_id") or (D4RL_ENVS[env] if is_d4rl else None)
     if eval_env is None:
         raise UserError(f"no evaluation env for '{path}': set eval_env to a gymnasium env id (e.g. Hopper-v4)")
     d4rl_refs = D4RL_REF_SCORES[env] if is_d4rl and eval_env == D4RL_ENVS[env] else (None, None)
-    ref_min = _first(config.ref_min_score, _attr(attrs, "ref_min_score"), d4rl_refs[0])
-    ref_max = _first(config.ref_max_score, _attr(attrs, "ref_max_score"), d4rl_refs[1])
+    ref_min = _first(config.ref_min_score, attrs.get("ref_min_score"), d4rl_refs[0])
+    ref_max = _first(config.ref_max_score, attrs.get("ref_max_score"), d4rl_refs[1])
     return DatasetSource(path, url, eval_env, *_checked_refs(ref_min, ref_max))
 
 
@@ -285,13 +284,6 @@ def _checked_refs(ref_min: Optional[float], ref_max: Optional[float]) -> Tuple[O
     if (ref_min is None) != (ref_max is None) or (ref_min is not None and ref_max <= ref_min):
         raise UserError(f"reference scores need both ref_min_score < ref_max_score, got {ref_min} and {ref_max}")
     return ref_min, ref_max
-
-
-def _attr(attrs: Dict[str, Any], key: str) -> Any:
-    value = attrs.get(key)
-    if isinstance(value, bytes):
-        value = value.decode()
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _first(*values: Any) -> Any:
@@ -1011,14 +1003,19 @@ def format_eval_table(step: int, metrics: Dict[str, float], target_returns: Tupl
     return "\n".join(lines + ([f"  val_loss {metrics['val_loss']:.5f}"] if "val_loss" in metrics else []))
 
 
-def make_eval_envs(config: TrainConfig, env_id: Any) -> EvalEnvs:
-    """The envs of all evaluation episodes; with eval_video, those of each target's first eval_video render."""
+def make_eval_envs(config: TrainConfig, env_id: Any, sizes: Tuple[int, int], trained: str) -> EvalEnvs:
+    """The envs of all evaluation episodes (each target's first eval_video render), checked against `sizes`."""
     make = functools.partial(make_env, env_id)  # picklable for env workers
     if config.eval_video:
         check_video(make)
     episodes = config.eval_episodes
     render = [t * episodes + i for t in range(len(config.target_returns)) for i in range(config.eval_video)]
-    return EvalEnvs(make, episodes * len(config.target_returns), config.eval_workers, render)
+    envs = EvalEnvs(make, episodes * len(config.target_returns), config.eval_workers, render)
+    if (envs.state_dim, envs.action_dim) != tuple(sizes):
+        envs.close()
+        raise UserError(f"{trained} has state/action sizes {sizes[0]}/{sizes[1]} but env {getattr(env_id, 'id', env_id)}"
+                        f" has {envs.state_dim}/{envs.action_dim}; set eval_env to the env the data came from")
+    return envs
 
 
 # --- Logging: a local run folder (config.yaml, metrics.jsonl) and wandb -----------------------
@@ -1037,9 +1034,7 @@ class RunLogger:
 
     def __init__(self, config: TrainConfig, run_name: str, run_dir: Path, job_type: str = "train"):
         import wandb  # imported here: wandb is slow to import and only training needs it
-
-        self.path = run_dir / "metrics.jsonl"
-        self.wandb = wandb
+        self.path, self.wandb = run_dir / "metrics.jsonl", wandb
         # passed to init, not read from the environment: wandb reads it once per process, at its first init
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
         if not os.environ.get("WANDB_MODE") and mode == "offline":
@@ -1158,10 +1153,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-class RunStopped(Exception):
-    """Training stopped on a signal after writing a checkpoint; main() exits with its argument as exit code."""
-
-
 def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
     """Eval-only: load a checkpoint, evaluate it with the command line's targets/episodes/seed, log, exit."""
     checkpoint = load_checkpoint(Path(cli.eval_checkpoint).expanduser())
@@ -1178,12 +1169,9 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
     ref_min = _first(config.ref_min_score, checkpoint.get("ref_min_score"))
     ref_max = _first(config.ref_max_score, checkpoint.get("ref_max_score"))
     run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
-    envs = make_eval_envs(config, eval_env)
+    envs = make_eval_envs(config, eval_env, (checkpoint["state_dim"], checkpoint["action_dim"]), "the checkpoint")
     # videos go to a temporary folder, moved into the run folder after the evaluation
     with contextlib.closing(envs), tempfile.TemporaryDirectory(prefix="dt-videos-") as videos:
-        if (envs.state_dim, envs.action_dim) != (checkpoint["state_dim"], checkpoint["action_dim"]):
-            raise UserError(f"the checkpoint is for state/action sizes {checkpoint['state_dim']}/"
-                            f"{checkpoint['action_dim']} but env {eval_env} has {envs.state_dim}/{envs.action_dim}")
         model = build_model(config, checkpoint["state_dim"], checkpoint["action_dim"]).to(device)
         model.load_state_dict(checkpoint["model_state"])
         results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
@@ -1449,12 +1437,9 @@ def start_run(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Run:
     """Load the data, make the eval envs and the run folder, build (or restore) the model and optimizer."""
     device = resolve_device(config.device)
     source, data, val = training_data(config, resume)
-    envs = make_eval_envs(config, source.env_spec or source.eval_env)
+    envs = make_eval_envs(config, source.env_spec or source.eval_env, (data.states.shape[1], data.actions.shape[1]),
+                          "dataset")
     try:
-        if (envs.state_dim, envs.action_dim) != data.states.shape[1:] + data.actions.shape[1:]:
-            raise UserError(f"dataset has state/action sizes {data.states.shape[1]}/{data.actions.shape[1]} but env "
-                            f"{source.eval_env} has {envs.state_dim}/{envs.action_dim}; set eval_env to the env the "
-                            "data came from")
         run_dir, ckpt_dir = open_run_dir(config, resume)
     except UserError:
         envs.close()
@@ -1516,7 +1501,7 @@ def train(config: TrainConfig) -> Dict[str, float]:
                 progress.close()
                 print(f"stopped at step {step}; checkpoint {run.ckpt_dir / 'latest.pt'}. Resume with:\n"
                       f"  python algorithms/dt.py --run_dir {run.run_dir}")
-                raise RunStopped(130 if stop_signal == signal.SIGINT else 0)
+                raise SystemExit(130 if stop_signal == signal.SIGINT else 0)  # the shell's code for Ctrl+C; else done
     finally:
         stop.restore()
         run.logger.finish()
@@ -1549,8 +1534,6 @@ def main(args: Optional[List[str]] = None) -> None:
             evaluate_checkpoint(config)
         else:
             train(config)
-    except RunStopped as stopped:
-        sys.exit(stopped.args[0])
     except KeyboardInterrupt:
         print("interrupted; the latest checkpoint is kept (resume with --run_dir <run folder>)", file=sys.stderr)
         sys.exit(130)

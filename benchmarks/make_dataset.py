@@ -18,10 +18,8 @@ and skips dataset files that already exist. Needs stable-baselines3 (requirement
 """
 import argparse
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -31,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
-from dt import D4RL_ENVS, D4RL_REF_SCORES, cut_trajectories, make_env  # noqa: E402
+from dt import D4RL_ENVS, D4RL_REF_SCORES, atomic_write, cut_trajectories, make_env  # noqa: E402
 
 try:
     from stable_baselines3 import SAC
@@ -59,19 +57,6 @@ def policy_return(policy: Callable[[np.ndarray], np.ndarray], env_id: str, episo
         returns.append(total)
     env.close()
     return float(np.mean(returns))
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then rename: a crash leaves either the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class Checkpointer(BaseCallback):

@@ -144,8 +144,10 @@ def test_load_rejects_missing_keys_and_mismatched_lengths(tmp_path):
 
 
 @pytest.fixture()
-def http_folder(tmp_path):
+def http_folder(tmp_path, monkeypatch):
     """A real HTTP server on loopback serving tmp_path/served."""
+    # reached directly: urllib's global opener keeps the proxy of its first use (test_bad_input sets a dead one)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
     served = tmp_path / "served"
     served.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))

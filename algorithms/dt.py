@@ -690,7 +690,7 @@ def make_env(env_id: Any, **kwargs: Any) -> gym.Env:
     if isinstance(env_id, str) and env_id not in gym.registry:
         # registers the AntMaze, PointMaze and AdroitHand envs; its import-time notice (README) stays quiet
         with contextlib.suppress(ImportError), contextlib.redirect_stderr(io.StringIO()):
-            import gymnasium_robotics  # noqa: F401
+            importlib.import_module("gymnasium_robotics")
     try:
         with warnings.catch_warnings():  # -v4 is chosen on purpose: it matches the D4RL -v2 data
             warnings.filterwarnings("ignore", message=".*is out of date.*")
@@ -801,7 +801,8 @@ def _env_worker(conn: Any, make_env_fn: Callable[..., gym.Env], num_envs: int, t
                     timing = {"forward": 0.0, "env": 0.0}
                     returns = rollout(pickle.loads(model), envs, targets, seeds, *normalisation,
                                       torch.device("cpu"), timing, videos)
-                    result = (returns, timing)
+                    # returns, then each episode's share of the worker's forward and env seconds
+                    result = (returns, *(np.full(len(returns), timing[k] / len(returns)) for k in ("forward", "env")))
                 else:  # reset (data: seeds), step (data: actions), render
                     result = getattr(envs, command)(local, data)
                 conn.send(("ok", result))
@@ -829,7 +830,6 @@ class EvalEnvs:
         if self.workers == 0:
             self.envs = [make_render_env(make_env_fn) if e in self.rendered else make_env_fn() for e in range(num_envs)]
             return
-
         context = mp.get_context("spawn")  # no fork: the parent holds torch threads and maybe CUDA
         self.pipes = []
         for worker in range(self.workers):
@@ -856,15 +856,8 @@ class EvalEnvs:
             if status == "error":
                 raise RuntimeError(f"evaluation env worker {w} failed: {result}")
         parts = [result if isinstance(result, tuple) else (result,) for _, result in answers.values()]
-        rows = np.concatenate([np.flatnonzero(owner == w) for w in asked])  # the episode of each gathered row
-        outputs = []
-        for values in zip(*parts):  # each output, from every worker
-            if isinstance(values[0], np.ndarray):
-                gathered = np.concatenate(values)
-                values = np.empty_like(gathered)
-                values[rows] = gathered
-            outputs.append(values)  # else per-worker values (rollout timings)
-        return outputs
+        order = np.argsort(np.concatenate([np.flatnonzero(owner == w) for w in asked]))  # gathered rows -> episodes
+        return [np.concatenate(values)[order] for values in zip(*parts)]  # each output, from every worker
 
     def reset(self, episodes: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         if self.workers == 0:
@@ -889,9 +882,9 @@ class EvalEnvs:
                 *args: Any, timing: Optional[Dict[str, float]] = None) -> np.ndarray:
         """Each worker runs rollout() for its episodes with a CPU copy of the model; returns [episodes]."""
         blob = pickle.dumps(model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu())
-        returns, timings = self._ask("rollout", np.arange(len(targets)), (targets, seeds, videos), shared=(blob, *args))
-        for key in timing or {}:  # wall time: the mean over the workers, which run at the same time
-            timing[key] += sum(t[key] for t in timings) / len(timings)
+        returns, *seconds = self._ask("rollout", np.arange(len(targets)), (targets, seeds, videos), shared=(blob, *args))
+        for key, shares in zip(("forward", "env") if timing is not None else (), seconds):  # episodes' shares
+            timing[key] += shares.sum() / self.workers  # wall time: the mean over the workers, which run together
         return returns
 
     def close(self) -> None:

@@ -177,6 +177,7 @@ def set_seed(seed: int, deterministic_torch: bool = False) -> None:
 
 # --- Data: D4RL names and files ---------------------------------------------------------------
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")  # the arrays of a D4RL HDF5 file
 D4RL_KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
 # gymnasium -v4 envs are the maintained equivalents of the gym -v3 envs the -v2 data was collected on
 D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
@@ -303,13 +304,11 @@ def download(url: str, path: Path) -> None:
 
 def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
     """Read the five arrays DT needs from a D4RL-layout HDF5 file, with shape and value checks."""
-    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in keys if k not in f]
-            if missing:
-                raise UserError(f"{path} is missing HDF5 keys {missing}; a D4RL-layout file has {list(keys)}")
-            data = {k: f[k][()] for k in keys}
+            if missing := [k for k in D4RL_KEYS if k not in f]:
+                raise UserError(f"{path} is missing HDF5 keys {missing}; a D4RL-layout file has {list(D4RL_KEYS)}")
+            data = {k: f[k][()] for k in D4RL_KEYS}
     except OSError as err:
         raise UserError(f"cannot read {path} as HDF5 ({err}); delete it to download again, or fix dataset_path") from None
     return checked_transitions(data, path)
@@ -429,8 +428,7 @@ def load_minari(source: DatasetSource, recover_env: bool) -> Tuple[DatasetSource
         episodes.append((obs[:-1], episode.actions, episode.rewards, terminals, timeouts))
     if not episodes:
         raise UserError(f"{source.path} holds no transitions")
-    names = ("observations", "actions", "rewards", "terminals", "timeouts")
-    raw = checked_transitions({k: np.concatenate([e[i] for e in episodes]) for i, k in enumerate(names)}, source.path)
+    raw = checked_transitions(dict(zip(D4RL_KEYS, map(np.concatenate, zip(*episodes)))), source.path)  # all episodes
     if recover_env and dataset.env_spec is not None:  # the dataset's eval env, as its metadata describes it
         env_kwargs = MINARI_PORTS.get(source.minari_id, (None, None, {}))[2]
         with warnings.catch_warnings():
@@ -1286,8 +1284,7 @@ def resume_point(config: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, A
     config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers"))
     latest = checkpoint_dir(config, run_dir) / "latest.pt"
     checkpoint = load_checkpoint(latest) if latest.exists() else None
-    missing = [k for k in RESUME_KEYS if checkpoint is not None and k not in checkpoint]
-    if missing:
+    if missing := [k for k in RESUME_KEYS if checkpoint is not None and k not in checkpoint]:
         raise UserError(f"{latest} cannot resume a run (it lacks {missing}); start a new run_dir")
     return config, checkpoint
 

@@ -882,7 +882,7 @@ class EvalEnvs:
         blob = pickle.dumps(model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu())
         returns, *seconds = self._ask("rollout", np.arange(len(targets)), (targets, seeds, videos), shared=(blob, *args))
         for key, shares in zip(("forward", "env") if timing is not None else (), seconds):  # episodes' shares
-            timing[key] += shares.sum() / self.workers  # wall time: the mean over the workers, which run together
+            timing[key] += shares.sum() / min(self.workers, len(targets))  # wall time: the mean over the workers
         return returns
 
     def close(self) -> None:

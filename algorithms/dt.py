@@ -9,6 +9,7 @@ import contextlib
 import copy
 import ctypes
 import difflib
+import errno
 import functools
 import importlib.util
 import inspect
@@ -28,6 +29,7 @@ import time
 import urllib.parse
 import uuid
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -97,12 +99,22 @@ class TrainConfig:
     run_dir: Optional[str] = None  # this run's folder (default: new in runs_dir); one holding a run resumes from it
     eval_checkpoint: Optional[str] = None  # evaluate this .pt file or run folder with the eval_* fields given, then exit
     activation: str = "gelu"  # MLP activation: gelu (exact erf, as CORL) or relu (as the DT authors' code)
-    # q/k/v init: xavier (torch's xavier_uniform_, kept by CORL's nn.MultiheadAttention) or normal (N(0, 0.02), GPT-2)
-    attention_init: str = "xavier"
+    # corl: N(0, 0.02), q/k/v xavier as CORL's nn.MultiheadAttention keeps it; normal: N(0, 0.02) everywhere; kzl: the
+    # DT authors' (N(0, 0.02) inside their GPT2Model only: embeddings and action head keep torch's defaults)
+    init: str = "corl"
+    attention_init: Optional[str] = None  # init's old name: xavier (now init corl) or normal; still read, with a warning
     # after warm-up: constant (CORL) or cosine to 1/10 at update_steps (DT authors' Atari code): a less noisy last model
     lr_schedule: str = "constant"
     eval_video: int = 0  # episodes of every target recorded to the run's videos/ at each evaluation (0: none)
     val_fraction: float = 0.0  # fraction of trajectories held out (drawn with train_seed) to log val_loss (0: none)
+    # the published recipes' other differences (docs/algorithm.md, "Two recipes"): CORL HEAD, its table-era code, DT authors
+    loss_reduction: str = "real_steps"  # masked MSE divided by the real entries, or by all_entries of the batch (CORL)
+    padding_mask: str = "real_steps"  # padded steps out of the loss and keys; all_ones: CORL e4f6175's (mask made after padding)
+    keep_trailing_piece: bool = True  # a last piece with no terminal/timeout flag: a trajectory, or dropped (CORL, authors)
+    # per_episode: episode i reset with seed eval_seed + i; per_target: CORL's env.seed(eval_seed) once per target, then
+    # consecutive resets; unseeded: the DT authors' (never seeded)
+    eval_reset: str = "per_episode"
+    tf32: bool = False  # TF32 tensor cores for float32 matmuls on CUDA: faster, a 10-bit mantissa (docs/gpu.md)
 
 
 class UserError(Exception):
@@ -130,15 +142,21 @@ def validate_config(config: TrainConfig) -> None:
         (c.eval_workers >= -1, "eval_workers must be -1 (auto), 0 (in-process) or a number of processes, "
                                f"got {c.eval_workers}"),
         (len(c.betas) == 2 and all(0.0 <= b < 1.0 for b in c.betas), f"betas must be two values in [0, 1), got {c.betas}"),
-        (c.dataset_source in ("d4rl", "hf"), f"dataset_source must be d4rl or hf, got '{c.dataset_source}'"),
-        (c.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got '{c.activation}'"),
-        (c.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got '{c.lr_schedule}'"),
-        (c.attention_init in ("xavier", "normal"), f"attention_init must be xavier or normal, got '{c.attention_init}'"),
         (0 <= c.eval_video <= c.eval_episodes, f"eval_video must be in [0, eval_episodes={c.eval_episodes}], got {c.eval_video}"),
     ]
+    choices = {"dataset_source": ("d4rl", "hf"), "activation": tuple(ACTIVATIONS), "lr_schedule": ("constant", "cosine"),
+               "init": ("corl", "kzl", "normal"), "attention_init": (None, "xavier", "normal"),
+               "loss_reduction": ("real_steps", "all_entries"), "padding_mask": ("real_steps", "all_ones"),
+               "eval_reset": ("per_episode", "per_target", "unseeded")}
+    checks += [(getattr(c, name) in allowed, f"{name} must be {' or '.join(map(str, allowed))}, got '{getattr(c, name)}'")
+               for name, allowed in choices.items()]
     for holds, message in checks:
         if not holds:
             raise UserError(message)
+    if c.attention_init is not None:  # a YAML of the field's old name still loads
+        c.init, old = {"xavier": "corl", "normal": "normal"}[c.attention_init], c.attention_init
+        c.attention_init = None
+        print(f"warning: attention_init was renamed init: attention_init {old} is read as init {c.init}", file=sys.stderr)
     if c.warmup_steps > c.update_steps:
         print(f"warning: warmup_steps ({c.warmup_steps}) > update_steps ({c.update_steps}): "
               "the learning rate never reaches learning_rate", file=sys.stderr)
@@ -176,7 +194,7 @@ def set_seed(seed: int, deterministic_torch: bool = False) -> None:
 
 
 # --- Data: D4RL names and files ---------------------------------------------------------------
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
+D4RL_URL = "https://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")  # the arrays of a D4RL HDF5 file
 D4RL_KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
 # gymnasium -v4 envs are the maintained equivalents of the gym -v3 envs the -v2 data was collected on
@@ -291,14 +309,45 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def download(url: str, path: Path) -> None:
-    """torch.hub's download: into a temporary file beside `path`, renamed when complete (or removed)."""
+def download(url: str, path: Path, attempts: int = 6, timeout: float = 60.0) -> None:
+    """Download to <path>.part, renamed into place once whole and readable as a D4RL file. Once the server has
+    answered, HTTP 5xx (urllib3's Retry), a body cut off mid-way and a stall over `timeout` s are retried with
+    backoff, resuming with an HTTP Range request; a server that cannot be reached fails at once (no network)."""
+    import requests  # wandb's dependency too
+    session = requests.Session()
+    retry = requests.adapters.Retry(total=attempts, connect=0, read=0, backoff_factor=1,
+                                    status_forcelist=(429, 500, 502, 503, 504))
+    session.mount(url.split("://")[0] + "://", requests.adapters.HTTPAdapter(max_retries=retry))
+    part = path.with_name(path.name + ".part")
     print(f"downloading {url} to {path}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path))
-    except OSError as err:  # URLError, HTTPError (a 404) and socket errors are OSErrors
-        raise UserError(f"dataset {path} is missing and downloading it from {url} failed ({err}); "
+        for attempt in range(attempts):
+            have = part.stat().st_size if part.exists() else 0
+            try:
+                with session.get(url, stream=True, timeout=timeout, headers={"Range": f"bytes={have}-"}) as response:
+                    response.raise_for_status()
+                    if response.status_code != 206:  # the server ignored the range: the whole file again
+                        have = 0
+                    size = have + int(response.headers.get("Content-Length", 0))
+                    with open(part, "ab" if have else "wb") as f, tqdm(total=size, initial=have, unit="B",
+                                                                      unit_scale=True, desc=path.name) as bar:
+                        for chunk in response.iter_content(1 << 16):  # a body short of Content-Length raises
+                            bar.update(f.write(chunk))
+                break
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                if attempt == attempts - 1 or not part.exists():  # the last try, or no body ever began
+                    raise
+                print(f"download cut off ({type(err).__name__}); resuming in {2 ** attempt} s", file=sys.stderr)
+                time.sleep(2 ** attempt)
+        with h5py.File(part, "r") as f:  # it counts as downloaded only when it opens with D4RL's keys
+            if missing := [k for k in D4RL_KEYS if k not in f]:
+                raise OSError(f"the downloaded file lacks the D4RL keys {missing}")
+        os.replace(part, path)
+    except OSError as err:  # requests' errors are OSErrors, as h5py's
+        part.unlink(missing_ok=True)
+        why = getattr(err.args[0], "reason", err) if err.args else err  # urllib3's cause, without its wrappers
+        raise UserError(f"dataset {path} is missing and downloading it from {url} failed ({str(why)[:300]}); "
                         f"download it by hand to {path}, or set dataset_path") from None
 
 
@@ -490,14 +539,20 @@ class OfflineData:
 
 
 def prepare_data(raw: Dict[str, np.ndarray], reward_scale: float,
-                 normalisation: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> OfflineData:
+                 normalisation: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+                 keep_trailing_piece: bool = True) -> OfflineData:
     """Trajectories, scaled returns-to-go and states normalised with raw's own statistics (or the given ones)."""
     starts, lengths = cut_trajectories(raw["terminals"], raw["timeouts"])
-    rtg = returns_to_go(raw["rewards"], starts, lengths)
-    observations = raw["observations"]
+    observations = raw["observations"]  # all of them give the statistics, a dropped trailing piece too (as CORL)
     state_mean, state_std = normalisation or (observations.mean(0, dtype=np.float64).astype(np.float32),
                                               (observations.std(0, dtype=np.float64) + 1e-6).astype(np.float32))
-    return OfflineData(states=(observations - state_mean) / state_std, actions=raw["actions"],
+    if not (keep_trailing_piece or raw["terminals"][-1] or raw["timeouts"][-1]):  # CORL, DT authors: flags cut only
+        starts, lengths = starts[:-1], lengths[:-1]
+        if len(starts) == 0:
+            raise UserError("the dataset has no terminal or timeout flag: with keep_trailing_piece false nothing is left")
+    end = starts[-1] + lengths[-1]  # the transitions trajectories hold
+    rtg = returns_to_go(raw["rewards"][:end], starts, lengths)
+    return OfflineData(states=(observations[:end] - state_mean) / state_std, actions=raw["actions"][:end],
                        returns_to_go=rtg * reward_scale,  # the model sees scaled returns, in training and evaluation
                        traj_starts=starts, traj_lengths=lengths, traj_returns=rtg[starts],
                        state_mean=state_mean, state_std=state_std)
@@ -610,8 +665,7 @@ class DecisionTransformer(nn.Module):
     def __init__(self, state_dim: int, action_dim: int, seq_len: int = 20, episode_len: int = 1000,
                  embedding_dim: int = 128, num_layers: int = 3, num_heads: int = 1,
                  attention_dropout: float = 0.1, residual_dropout: float = 0.1,
-                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu",
-                 attention_init: str = "xavier"):
+                 embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu", init: str = "corl"):
         super().__init__()
         self.state_dim, self.action_dim = state_dim, action_dim
         self.seq_len, self.episode_len = seq_len, episode_len
@@ -629,8 +683,11 @@ class DecisionTransformer(nn.Module):
         ])
         self.out_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
-        self.apply(self._init_weights)
-        if attention_init == "xavier":  # CORL's nn.MultiheadAttention in_proj_weight [3E, E], never visited by its init
+        # kzl: the DT authors' GPT-2 initialises only its own modules, the blocks and the final LayerNorm; their
+        # embeddings, embedding LayerNorm and action head keep torch's defaults (Embedding N(0, 1), Linear kaiming)
+        for part in (self.blocks, self.out_norm) if init == "kzl" else (self,):
+            part.apply(self._init_weights)
+        if init == "corl":  # CORL's nn.MultiheadAttention in_proj_weight [3E, E], never visited by its init
             for block in self.blocks:
                 nn.init.xavier_uniform_(block.attention.qkv.weight)  # torch's own MHA init: std sqrt(1/(2E))
 
@@ -676,10 +733,10 @@ class DecisionTransformer(nn.Module):
 
 
 def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-               real_entries: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MSE over real steps only (CORL also counts padded entries); real_entries: the whole batch's, for a chunk."""
+               entries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Squared error summed over real steps, divided by their entries or by `entries` (the whole batch's, CORL's)."""
     squared = ((predicted - target) ** 2).sum(-1) * mask
-    return squared.sum() / (mask.sum() * target.shape[-1] if real_entries is None else real_entries)
+    return squared.sum() / (mask.sum() * target.shape[-1] if entries is None else entries)
 
 
 # --- Evaluation -------------------------------------------------------------------------------
@@ -752,31 +809,50 @@ def check_video(make_env_fn: Callable[..., gym.Env]) -> None:
 
 
 class EpisodeVideo:
-    """One episode's mp4, frames labelled with target and return so far; renamed into place when complete."""
+    """One episode's mp4, frames labelled with target and return so far; renamed into place when complete. One that
+    cannot be written (a full disk, a folder gone) is dropped with a warning: a video is not worth a run."""
 
     def __init__(self, path: str, target: float, fps: float):
         import imageio
+        import imageio_ffmpeg
         from PIL import Image, ImageDraw, ImageFont
-        self.path, self.part, self.target = path, path[:-len(".mp4")] + ".part.mp4", target
+        self.path, self.part, self.target, self.ffmpeg = path, path[:-len(".mp4")] + ".part.mp4", target, imageio_ffmpeg
         self.image, self.draw, self.font = Image, ImageDraw, ImageFont.load_default(size=14)
         self.writer = imageio.get_writer(self.part, fps=fps, ffmpeg_log_level="error",  # veryfast: half the
                                          output_params=["-preset", "veryfast"])  # encoding time, a smaller file
 
     def add(self, frame: np.ndarray, episode_return: float) -> None:
+        if self.writer is None:  # dropped
+            return
         image = self.image.fromarray(frame)
         draw, text = self.draw.Draw(image), f"target {self.target:g}\nreturn {episode_return:.1f}"
         draw.rectangle((0, 0, *np.add(draw.multiline_textbbox((4, 4), text, font=self.font)[2:], 4)), fill=(0, 0, 0))
         draw.multiline_text((4, 4), text, fill=(255, 255, 255), font=self.font)
-        self.writer.append_data(np.asarray(image))
+        try:
+            self.writer.append_data(np.asarray(image))
+        except Exception as err:  # ffmpeg cannot write: imageio raises OSError, BrokenPipeError or RuntimeError
+            self.drop(err)
+
+    def drop(self, err: Exception) -> None:
+        print(f"warning: video {self.path} dropped ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
+              "the evaluation goes on", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        self.writer = None
 
     def __enter__(self) -> "EpisodeVideo":
         return self
 
     def __exit__(self, error: Any, *_: Any) -> None:
-        self.writer.close()
-        if error is None:
-            os.replace(self.part, self.path)
-        elif os.path.exists(self.part):
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                if error is None:  # read back: imageio ignores ffmpeg's exit code (a trailer lost to a full disk)
+                    self.ffmpeg.count_frames_and_secs(self.part)
+                    os.replace(self.part, self.path)
+        except Exception as err:
+            self.drop(err)
+        with contextlib.suppress(OSError):  # what is left of an unfinished or dropped video
             os.remove(self.part)
 
 
@@ -797,10 +873,10 @@ def _env_worker(conn: Any, make_env_fn: Callable[..., gym.Env], num_envs: int, t
                 if command == "rollout":  # data = (targets, seeds, videos, pickled model, state_mean, state_std, reward_scale)
                     targets, seeds, videos, model, *normalisation = data
                     timing = {"forward": 0.0, "env": 0.0}
-                    returns = rollout(pickle.loads(model), envs, targets, seeds, *normalisation,
-                                      torch.device("cpu"), timing, videos)
-                    # returns, then each episode's share of the worker's forward and env seconds
-                    result = (returns, *(np.full(len(returns), timing[k] / len(returns)) for k in ("forward", "env")))
+                    episodes = rollout(pickle.loads(model), envs, targets, seeds, *normalisation,
+                                       torch.device("cpu"), timing, videos)
+                    # the episodes, then each one's share of the worker's forward and env seconds
+                    result = (episodes, *(np.full(len(episodes), timing[k] / len(episodes)) for k in ("forward", "env")))
                 else:  # reset (data: seeds), step (data: actions), render
                     result = getattr(envs, command)(local, data)
                 conn.send(("ok", result))
@@ -858,16 +934,17 @@ class EvalEnvs:
         return [np.concatenate(values)[order] for values in zip(*parts)]  # each output, from every worker
 
     def reset(self, episodes: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """seeds [n, 2]: each env's reset seed, then how many resets without a seed follow before its episode."""
         if self.workers == 0:
-            return np.stack([self.envs[e].reset(seed=int(seed))[0] for e, seed in zip(episodes, seeds)])
+            return np.stack([reset_env(self.envs[e], *seed) for e, seed in zip(episodes, seeds)])
         return self._ask("reset", episodes, seeds)[0]
 
     def step(self, episodes: np.ndarray, actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Step each env with its action -> observations [n, S], rewards [n], done (terminated or truncated) [n]."""
+        """Step each env with its action -> observations [n, S], rewards [n], (terminated, truncated) [n, 2]."""
         if self.workers == 0:
             results = [self.envs[e].step(action) for e, action in zip(episodes, actions)]
             return (np.stack([r[0] for r in results]), np.array([r[1] for r in results], dtype=np.float64),
-                    np.array([r[2] or r[3] for r in results], dtype=bool))
+                    np.array([r[2:4] for r in results], dtype=bool))
         return tuple(self._ask("step", episodes, actions))
 
     def render(self, episodes: np.ndarray, _: Any = None) -> np.ndarray:
@@ -878,12 +955,12 @@ class EvalEnvs:
 
     def rollout(self, model: "DecisionTransformer", targets: np.ndarray, seeds: np.ndarray, videos: np.ndarray,
                 *args: Any, timing: Optional[Dict[str, float]] = None) -> np.ndarray:
-        """Each worker runs rollout() for its episodes with a CPU copy of the model; returns [episodes]."""
+        """Each worker runs rollout() for its episodes with a CPU copy of the model; returns rollout()'s episodes."""
         blob = pickle.dumps(model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu())
-        returns, *seconds = self._ask("rollout", np.arange(len(targets)), (targets, seeds, videos), shared=(blob, *args))
+        episodes, *seconds = self._ask("rollout", np.arange(len(targets)), (targets, seeds, videos), shared=(blob, *args))
         for key, shares in zip(("forward", "env") if timing is not None else (), seconds):  # episodes' shares
             timing[key] += shares.sum() / min(self.workers, len(targets))  # wall time: the mean over the workers
-        return returns
+        return episodes
 
     def close(self) -> None:
         if self.workers == 0:
@@ -895,12 +972,32 @@ class EvalEnvs:
             pipe.close()
 
 
+def reset_env(env: gym.Env, seed: int, resets_after: int) -> np.ndarray:
+    observation = env.reset(seed=int(seed))[0]
+    for _ in range(resets_after):  # CORL's episode i of a target: the i-th reset after one env.seed(eval_seed)
+        observation = env.reset()[0]
+    return observation
+
+
+def reset_seeds(eval_reset: str, eval_seed: int, episodes: int, targets: int) -> np.ndarray:
+    """[episodes * targets, 2] for EvalEnvs.reset: episode i of every target reset with seed eval_seed + i
+    (per_episode), with eval_seed and then i more resets (per_target: CORL), or from fresh OS entropy at every
+    evaluation (unseeded: the DT authors never seed their env)."""
+    i = np.tile(np.arange(episodes), targets)
+    seed = {"per_episode": eval_seed + i, "per_target": np.full_like(i, eval_seed),
+            "unseeded": np.random.default_rng().integers(2**31, size=len(i))}
+    return np.stack([seed[eval_reset], i if eval_reset == "per_target" else np.zeros_like(i)], axis=1)
+
+
+EPISODE = [("return", np.float64), ("length", np.int64), ("terminated", bool)]  # what rollout() records of an episode
+
+
 @torch.no_grad()
 def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, seeds: np.ndarray,
             state_mean: np.ndarray, state_std: np.ndarray, reward_scale: float, device: torch.device,
             timing: Optional[Dict[str, float]] = None, videos: Optional[np.ndarray] = None) -> np.ndarray:
-    """Episode e runs in env e with target targets[e] from reset seed seeds[e], one batched forward pass a step
-    for all; returns [episodes]. timing gains model and env seconds; videos: an mp4 path (or None) per episode."""
+    """Episode e runs in env e with target targets[e] from reset seeds[e], one batched forward pass a step for
+    all; returns [episodes] of EPISODE. timing gains model and env seconds; videos: an mp4 path (or None) per episode."""
     num, K, S, A = len(targets), model.seq_len, model.state_dim, model.action_dim
     clock = time.perf_counter
     live = np.arange(num)  # episode index of each batch row
@@ -911,7 +1008,7 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
     returns = torch.zeros(num, K, device=device)
     timesteps = torch.zeros(num, K, dtype=torch.long, device=device)
     returns[:, -1] = torch.as_tensor(targets * reward_scale, dtype=torch.float32, device=device)  # R_0
-    episode_returns = np.zeros(num)
+    episodes = np.zeros(num, dtype=EPISODE)
     with contextlib.ExitStack() as stack:  # a video is complete only when the rollout is
         videos = {e: stack.enter_context(EpisodeVideo(path, targets[e], envs.fps))
                   for e, path in enumerate(() if videos is None else videos) if path}
@@ -926,16 +1023,17 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
             actions[:, -1] = action
             action = action.cpu().numpy()
             stepped = clock()
-            next_obs, rewards, done = envs.step(live, action)  # every live env steps
+            next_obs, rewards, ended = envs.step(live, action)  # every live env steps
             if timing is not None:
                 timing["forward"] += stepped - start
                 timing["env"] += clock() - stepped
-            done |= t + 1 >= model.episode_len
-            episode_returns[live] += rewards
+            done = ended.any(axis=1) | (t + 1 >= model.episode_len)  # terminated, truncated or at episode_len
+            episodes["return"][live] += rewards
+            episodes["length"][live], episodes["terminated"][live] = t + 1, ended[:, 0]  # fell, not timed out
             filmed = [e for e in live if e in videos] if videos else []
             if filmed:  # one frame per step, after it, labelled with the return so far
                 for e, frame in zip(filmed, envs.render(np.array(filmed))):
-                    videos[e].add(frame, episode_returns[e])
+                    videos[e].add(frame, episodes["return"][e])
             next_rtg = returns[:, -1] - torch.as_tensor(rewards * reward_scale, dtype=torch.float32, device=device)
             keep = torch.as_tensor(~done, device=device)
             live, observations = live[~done], next_obs[~done]
@@ -944,53 +1042,59 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
             # drop finished episodes, shift the window left by one step and append the new return-to-go
             states, actions, returns, timesteps = (x[keep].roll(-1, dims=1) for x in (states, actions, returns, timesteps))
             returns[:, -1] = next_rtg[keep]
-    return episode_returns
+    return episodes
 
 
 def evaluate(model: DecisionTransformer, envs: EvalEnvs, target_returns: Tuple[float, ...],
              eval_episodes: int, eval_seed: int, state_mean: np.ndarray, state_std: np.ndarray,
              reward_scale: float, device: torch.device, worker_rollouts: Optional[bool] = None,
-             timing: Optional[Dict[str, float]] = None, video_prefix: Optional[str] = None) -> Dict[float, np.ndarray]:
-    """eval_episodes episodes per target, all together -> {target: returns}; episode i starts from reset seed
-    eval_seed + i. With workers on CPU each runs its episodes' rollout with a model copy; on GPU the model runs
-    here and workers step envs. Rendering envs record to <video_prefix>_target<target>_ep<i>.mp4."""
+             timing: Optional[Dict[str, float]] = None, video_prefix: Optional[str] = None,
+             eval_reset: str = "per_episode") -> Dict[float, np.ndarray]:
+    """eval_episodes episodes per target, all together -> {target: episodes (EPISODE)}, reset as reset_seeds says.
+    With workers on CPU each runs its episodes' rollout with a model copy; on GPU the model runs here and workers
+    step envs. Rendering envs record to <video_prefix>_target<target>_ep<i>.mp4."""
     num = eval_episodes * len(target_returns)
     targets = np.repeat(np.asarray(target_returns, dtype=np.float64), eval_episodes)  # episode e -> its target
-    seeds = np.tile(np.arange(eval_episodes), len(target_returns)) + eval_seed
+    seeds = reset_seeds(eval_reset, eval_seed, eval_episodes, len(target_returns))
     videos = np.array([f"{video_prefix}_target{targets[e]}_ep{e % eval_episodes}.mp4"  # env e runs episode e
                        if video_prefix and e in envs.rendered else None for e in range(num)])
     was_training = model.training
     model.eval()
     try:
         if envs.workers and (device.type == "cpu" if worker_rollouts is None else worker_rollouts):
-            returns = envs.rollout(model, targets, seeds, videos, state_mean, state_std, reward_scale, timing=timing)
+            episodes = envs.rollout(model, targets, seeds, videos, state_mean, state_std, reward_scale, timing=timing)
         else:
-            returns = rollout(model, envs, targets, seeds, state_mean, state_std, reward_scale, device, timing, videos)
+            episodes = rollout(model, envs, targets, seeds, state_mean, state_std, reward_scale, device, timing, videos)
     finally:
         model.train(was_training)
-    return {target: returns[targets == target] for target in target_returns}
+    return {target: episodes[targets == target] for target in target_returns}
 
 
 def eval_metrics(results: Dict[float, np.ndarray], ref_min: Optional[float], ref_max: Optional[float]) -> Dict[str, float]:
-    """The logged keys of the baseline: eval/{target}_return_mean, ..._normalized_score_std."""
+    """The baseline's keys eval/{target}_return_mean, ..._normalized_score_std, then why episodes ended."""
     metrics = {}
-    for target, returns in results.items():
-        metrics[f"eval/{target}_return_mean"] = float(np.mean(returns))
-        metrics[f"eval/{target}_return_std"] = float(np.std(returns))
+    for target, episodes in results.items():
+        scores = {"return": episodes["return"]}
         if ref_min is not None:
-            scores = normalized_score(returns, ref_min, ref_max)
-            metrics[f"eval/{target}_normalized_score_mean"] = float(np.mean(scores))
-            metrics[f"eval/{target}_normalized_score_std"] = float(np.std(scores))
+            scores["normalized_score"] = normalized_score(episodes["return"], ref_min, ref_max)
+        for name, values in scores.items():
+            metrics[f"eval/{target}_{name}_mean"] = float(np.mean(values))
+            metrics[f"eval/{target}_{name}_std"] = float(np.std(values))
+        metrics[f"eval/{target}_episode_length_mean"] = float(episodes["length"].mean())
+        metrics[f"eval/{target}_terminated_fraction"] = float(episodes["terminated"].mean())  # fell before the time limit
     return metrics
 
 
 def format_eval_table(step: int, metrics: Dict[str, float], target_returns: Tuple[float, ...]) -> str:
-    lines = [f"eval @ step {step}", f"{'target':>10}  {'return mean +- std':>22}  {'normalized mean +- std':>24}"]
+    lines = [f"eval @ step {step}", f"{'target':>10}  {'return mean +- std':>22}  {'normalized mean +- std':>24}"
+             f"  {'length':>7}  {'terminated':>10}"]
     for target in target_returns:
-        ret = f"{metrics[f'eval/{target}_return_mean']:.1f} +- {metrics[f'eval/{target}_return_std']:.1f}"
-        key = f"eval/{target}_normalized_score_mean"
-        norm = f"{metrics[key]:.2f} +- {metrics[f'eval/{target}_normalized_score_std']:.2f}" if key in metrics else "n/a"
-        lines.append(f"{target:>10}  {ret:>22}  {norm:>24}")
+        key = f"eval/{target}_"
+        ret = f"{metrics[key + 'return_mean']:.1f} +- {metrics[key + 'return_std']:.1f}"
+        norm = (f"{metrics[key + 'normalized_score_mean']:.2f} +- {metrics[key + 'normalized_score_std']:.2f}"
+                if key + "normalized_score_mean" in metrics else "n/a")
+        lines.append(f"{target:>10}  {ret:>22}  {norm:>24}  {metrics[key + 'episode_length_mean']:>7.1f}"
+                     f"  {metrics[key + 'terminated_fraction']:>10.0%}")
     return "\n".join(lines + ([f"  val_loss {metrics['val_loss']:.5f}"] if "val_loss" in metrics else []))
 
 
@@ -1033,7 +1137,7 @@ class RunLogger:
                   "(upload later with `wandb sync`)")
         id_file = run_dir / "wandb_run_id"  # a resumed run logs to the same wandb run
         self.run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-        id_file.write_text(self.run_id)
+        atomic_write(id_file, lambda tmp: tmp.write_text(self.run_id))
         try:
             self.run = wandb.init(project=config.project, group=config.group, name=run_name, job_type=job_type,
                                   config=asdict(config), dir=str(run_dir), id=self.run_id, resume="allow", mode=mode)
@@ -1043,23 +1147,58 @@ class RunLogger:
 
     def log(self, metrics: Dict[str, float], step: int, commit: bool = True, videos: List[Path] = ()) -> None:
         """A row of numbers to metrics.jsonl and wandb; the mp4 videos go to wandb only, in the same row."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        media = {"video/" + p.stem.split("_", 1)[1]: self.wandb.Video(str(p), format="mp4") for p in videos}
+        line = (json.dumps({"step": step, **metrics}) + "\n").encode()
+        with open(self.path, "ab", buffering=0) as f:  # unbuffered: nothing of a failed write is flushed later
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while line:  # a short write is followed by one that raises (a full disk)
+                    line = line[f.write(line):]
+            except OSError as err:
+                f.truncate(end)  # only whole lines stay
+                err.filename = str(self.path)
+                raise
+        media = {}
+        for video in videos:
+            try:  # wandb copies the file into its folder
+                media["video/" + video.stem.split("_", 1)[1]] = self.wandb.Video(str(video), format="mp4")
+            except OSError as err:
+                print(f"warning: video {video} not logged to wandb ({err}); the run goes on", file=sys.stderr)
         self.run.log({**metrics, **media}, step=step, commit=commit)
+
+    def sync(self) -> None:  # at each evaluation and checkpoint: the rows so far reach the disk
+        if self.path.exists():
+            fsync(self.path)
 
     def finish(self) -> None:
         self.run.finish()
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(temporary path), then rename it to path: readers see the old file or the new one, never half of one."""
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename), from the OS cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any], keep_previous: bool = False) -> None:
+    """write(temporary path), fsync it, rename it to path, fsync the folder: readers, and the disk after a power
+    loss, see the old file or the new one, never half of one. keep_previous: the old one becomes <name>.prev<suffix>."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
         write(tmp)
+        fsync(tmp)
+        if keep_previous and path.exists():
+            os.replace(path, path.with_suffix(".prev" + path.suffix))  # latest.pt -> latest.prev.pt
         os.replace(tmp, path)
+        fsync(path.parent)
+    except OSError as err:
+        err.filename = err.filename or str(tmp)  # a full disk's write error names no file: the folder is the news
+        raise
     finally:
-        tmp.unlink(missing_ok=True)  # a write cut off by an error (kill -9: open_run_dir removes it)
+        with contextlib.suppress(OSError):  # a write cut off by an error (kill -9: open_run_dir removes it)
+            tmp.unlink(missing_ok=True)
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
@@ -1087,10 +1226,13 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; give a .pt file or a run folder holding latest.pt")
     try:
+        with zipfile.ZipFile(path) as archive:  # torch.save's zip holds a CRC-32 of every record: check them all
+            if (damaged := archive.testzip()) is not None:
+                raise ValueError(f"record {damaged} fails its CRC-32 check")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy and RNG states
     except Exception as err:
-        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}); the file is corrupt or not a "
-                        "checkpoint of algorithms/dt.py") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                        "the file is damaged or not a checkpoint of algorithms/dt.py") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint of algorithms/dt.py (it lacks {list(CHECKPOINT_KEYS)})")
     return checkpoint
@@ -1152,10 +1294,11 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
         raise UserError(f"the checkpoint was trained on {trained_on}, not {cli.env_name}; drop --env_name "
                         "or pick a checkpoint of that dataset")
     config = saved_config(cli, checkpoint["config"], allowed=(
-        "target_returns", "eval_episodes", "eval_seed", "eval_workers", "device", "eval_env", "ref_min_score",
+        "target_returns", "eval_episodes", "eval_seed", "eval_reset", "eval_workers", "device", "eval_env", "ref_min_score",
         "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint", "eval_video"))
     validate_config(config)
     device = resolve_device(config.device)
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32  # as in training: the same numbers as its evaluations
     eval_env = config.eval_env or checkpoint.get("eval_env_spec") or checkpoint.get("eval_env")  # spec: Minari
     ref_min = _first(config.ref_min_score, checkpoint.get("ref_min_score"))
     ref_max = _first(config.ref_max_score, checkpoint.get("ref_max_score"))
@@ -1167,7 +1310,7 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
         model.load_state_dict(checkpoint["model_state"])
         results = evaluate(model, envs, config.target_returns, config.eval_episodes, config.eval_seed,
                            checkpoint["state_mean"], checkpoint["state_std"], config.reward_scale, device,
-                           video_prefix=f"{videos}/step{checkpoint['step']}")
+                           video_prefix=f"{videos}/step{checkpoint['step']}", eval_reset=config.eval_reset)
         create_dirs(run_dir, *([run_dir / "videos"] if config.eval_video else []))  # only now: an error or
         for video in Path(videos).glob("*.mp4"):  # Ctrl+C during evaluation leaves nothing behind
             shutil.move(str(video), run_dir / "videos" / video.name)
@@ -1223,16 +1366,20 @@ def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def forward_backward(model: nn.Module, batch: Tuple[torch.Tensor, ...], micro_batch: int, bf16: bool) -> torch.Tensor:
+def forward_backward(model: nn.Module, batch: Tuple[torch.Tensor, ...], micro_batch: int, bf16: bool,
+                     loss_reduction: str = "real_steps", padding_mask: str = "real_steps") -> torch.Tensor:
     """The batch's masked MSE (detached) and its gradient, micro_batch windows at a time (in cache on CPU)."""
     states, actions, returns, timesteps, mask = batch
-    real_entries = mask.sum() * actions.shape[-1]
+    if padding_mask == "all_ones":  # CORL e4f6175 made its mask after padding: padded steps are keys and in the loss
+        mask = torch.ones_like(mask)
+    # the mean over real entries, or CORL's (squared errors * mask).mean(): divided by every entry of the batch
+    entries = (mask.sum() if loss_reduction == "real_steps" else mask.numel()) * actions.shape[-1]
     loss = torch.zeros((), device=states.device)
     for start in range(0, len(states), micro_batch):  # chunks divide by the whole batch's entries: same gradient
         chunk = slice(start, start + micro_batch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):  # matmuls in bf16, loss in fp32
             predicted = model(states[chunk], actions[chunk], returns[chunk], timesteps[chunk], padding_mask=mask[chunk])
-        chunk_loss = masked_mse(predicted.float(), actions[chunk], mask[chunk], real_entries)
+        chunk_loss = masked_mse(predicted.float(), actions[chunk], mask[chunk], entries)
         chunk_loss.backward()
         loss += chunk_loss.detach()
     return loss
@@ -1249,21 +1396,23 @@ def validation_loss(model: nn.Module, windows: Tuple[torch.Tensor, ...], chunk: 
     """The training loss (masked action MSE) over the held-out windows, without dropout."""
     was_training = model.training
     model.eval()
-    squared = sum(masked_mse(model(*w[:4], padding_mask=w[4]), w[1], w[4], real_entries=1)  # sums of squares
+    squared = sum(masked_mse(model(*w[:4], padding_mask=w[4]), w[1], w[4], entries=1)  # sums of squares
                   for w in zip(*(x.split(chunk) for x in windows)))
     model.train(was_training)
     return squared.item() / (windows[4].sum().item() * windows[1].shape[-1])
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   clip_grad: Optional[float]) -> float:
-    """Clip, step, advance the schedule; returns the learning rate this update used."""
+                   clip_grad: Optional[float]) -> Tuple[float, torch.Tensor]:
+    """Clip, step, advance the schedule -> the learning rate this update used, the gradient norm before clipping."""
     if clip_grad is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    else:
+        grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     learning_rate = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    return learning_rate
+    return learning_rate, grad_norm
 
 
 def checkpoint_dir(config: TrainConfig, run_dir: Path) -> Path:
@@ -1282,11 +1431,24 @@ def resume_point(config: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, A
         raise UserError(f"cannot read {run_dir / 'config.yaml'} ({type(err).__name__}); "
                         "restore it, or give a new run_dir") from None
     config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers"))
-    latest = checkpoint_dir(config, run_dir) / "latest.pt"
-    checkpoint = load_checkpoint(latest) if latest.exists() else None
+    checkpoint = load_latest(checkpoint_dir(config, run_dir))
     if missing := [k for k in RESUME_KEYS if checkpoint is not None and k not in checkpoint]:
-        raise UserError(f"{latest} cannot resume a run (it lacks {missing}); start a new run_dir")
+        raise UserError(f"{checkpoint_dir(config, run_dir)}'s checkpoint cannot resume a run (it lacks {missing}); "
+                        "start a new run_dir")
     return config, checkpoint
+
+
+def load_latest(folder: Path) -> Optional[Dict[str, Any]]:
+    """latest.pt; when it is damaged or missing, the one before it (latest.prev.pt), with a warning: one checkpoint
+    interval is trained again. None when the run wrote no checkpoint yet."""
+    latest, previous = folder / "latest.pt", folder / "latest.prev.pt"
+    if not previous.exists():
+        return load_checkpoint(latest) if latest.exists() else None
+    try:
+        return load_checkpoint(latest)
+    except UserError as err:  # damaged, or missing between the two renames of a checkpoint write
+        print(f"warning: {err}; resuming from {previous}, one checkpoint interval earlier", file=sys.stderr)
+        return load_checkpoint(previous)
 
 
 def training_data(config: TrainConfig, resume: Optional[Dict[str, Any]]
@@ -1294,8 +1456,9 @@ def training_data(config: TrainConfig, resume: Optional[Dict[str, Any]]
     """The dataset's source, its training trajectories and its held-out ones (None when val_fraction is 0)."""
     source, raw = load_dataset(config, resolve_dataset(config))
     raw, val_raw = split_trajectories(raw, config.val_fraction, config.train_seed)
-    data = prepare_data(raw, config.reward_scale)
-    val = None if val_raw is None else prepare_data(val_raw, config.reward_scale, (data.state_mean, data.state_std))
+    data = prepare_data(raw, config.reward_scale, keep_trailing_piece=config.keep_trailing_piece)
+    val = None if val_raw is None else prepare_data(val_raw, config.reward_scale, (data.state_mean, data.state_std),
+                                                    config.keep_trailing_piece)
     longest = max(data.traj_lengths.max(), 0 if val is None else val.traj_lengths.max())
     if longest > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
         raise UserError(f"the dataset has a trajectory of {longest} steps, longer than "
@@ -1381,8 +1544,11 @@ class Run:
             "wandb_run_id": self.logger.run_id, "best_score": self.best_score, "metrics": self.metrics,
             "loss_sum": self.loss_sum.detach().cpu(), "loss_count": self.loss_count,
         }
-        for name in names:
-            atomic_write(self.ckpt_dir / name, functools.partial(torch.save, checkpoint))
+        serialised = io.BytesIO()
+        torch.save(checkpoint, serialised)  # in memory: a full disk then fails the file's write, an OSError
+        self.logger.sync()  # metrics.jsonl's rows up to this checkpoint are on the disk before it
+        for name in names:  # latest.pt's previous version is kept as latest.prev.pt
+            atomic_write(self.ckpt_dir / name, lambda tmp: tmp.write_bytes(serialised.getbuffer()), name == "latest.pt")
 
     def check_finite(self, first_bad_step: torch.Tensor) -> None:
         """Stop at the first update whose loss was NaN/inf, or now if the weights became so."""
@@ -1395,12 +1561,13 @@ class Run:
             raise UserError(f"the loss became NaN/inf at step {bad_step}; training stopped and {kept}. "
                             "Lower learning_rate, set clip_grad, or check the dataset")
 
-    def log_training(self, learning_rate: float, commit: bool) -> None:
-        """Log the interval's mean training loss and the learning rate; start a new interval."""
-        self.metrics = {**self.metrics, "train_loss": self.loss_sum.item() / self.loss_count,
-                        "learning_rate": learning_rate}
+    def log_training(self, learning_rate: float, grad_norm: torch.Tensor, commit: bool) -> None:
+        """Log the interval's mean training loss, the learning rate and this update's gradient norm; a new interval."""
+        row = {"train_loss": self.loss_sum.item() / self.loss_count, "learning_rate": learning_rate,
+               "grad_norm": grad_norm.item()}
+        self.metrics = {**self.metrics, **row}
         # at an eval step wandb gets this row with the eval row, so a kill during evaluation loses neither
-        self.logger.log({k: self.metrics[k] for k in ("train_loss", "learning_rate")}, step=self.step, commit=commit)
+        self.logger.log(row, step=self.step, commit=commit)
         self.loss_sum.zero_()
         self.loss_count = 0
 
@@ -1409,7 +1576,7 @@ class Run:
         config, step, videos = self.config, self.step, self.run_dir / "videos"
         results = evaluate(self.model, self.envs, config.target_returns, config.eval_episodes, config.eval_seed,
                            self.data.state_mean, self.data.state_std, config.reward_scale, self.loss_sum.device,
-                           video_prefix=str(videos / f"step{step}"))
+                           video_prefix=str(videos / f"step{step}"), eval_reset=config.eval_reset)
         scores = eval_metrics(results, self.source.ref_min_score, self.source.ref_max_score)
         if self.val is not None:
             scores["val_loss"] = validation_loss(self.model, self.val)
@@ -1426,6 +1593,7 @@ class Run:
 def start_run(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Run:
     """Load the data, make the eval envs and the run folder, build (or restore) the model and optimizer."""
     device = resolve_device(config.device)
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32  # float32 matmuls on TF32 tensor cores (CUDA only)
     source, data, val = training_data(config, resume)
     envs = make_eval_envs(config, source.env_spec or source.eval_env, (data.states.shape[1], data.actions.shape[1]),
                           "dataset")
@@ -1470,8 +1638,9 @@ def train(config: TrainConfig) -> Dict[str, float]:
         for step in progress:
             run.step = step
             run.optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(train_model, run.sampler.sample(config.batch_size), micro_batch, bf16)
-            learning_rate = optimizer_step(run.model, run.optimizer, run.scheduler, config.clip_grad)
+            loss = forward_backward(train_model, run.sampler.sample(config.batch_size), micro_batch, bf16,
+                                    config.loss_reduction, config.padding_mask)
+            learning_rate, grad_norm = optimizer_step(run.model, run.optimizer, run.scheduler, config.clip_grad)
             run.loss_sum += loss
             run.loss_count += 1
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), step, first_bad_step)
@@ -1479,7 +1648,7 @@ def train(config: TrainConfig) -> Dict[str, float]:
             stop_signal = stop.received  # read once: a signal arriving later in this step is handled next step
             if step % config.log_every == 0 or step == config.update_steps:
                 run.check_finite(first_bad_step)
-                run.log_training(learning_rate, commit=not is_eval)
+                run.log_training(learning_rate, grad_norm, commit=not is_eval)
                 progress.set_postfix(loss=f"{run.metrics['train_loss']:.4f}", lr=f"{learning_rate:.2e}")
             if is_eval or stop_signal is not None:
                 run.check_finite(first_bad_step)
@@ -1516,8 +1685,13 @@ def parse_config(args: Optional[List[str]] = None) -> TrainConfig:
         raise UserError(f"invalid config: {str(err).splitlines()[0]}; `--help` lists the fields") from None
 
 
+STORAGE_ERRORS = {errno.ENOSPC: "the disk or quota holding {} is full", errno.EDQUOT: "the disk or quota holding {} is "
+                  "full", errno.EROFS: "{} became read-only", errno.ENOENT: "{} was deleted or moved away"}
+
+
 def main(args: Optional[List[str]] = None) -> None:
     keep_freed_memory()
+    config = None
     try:
         config = parse_config(args)
         if config.eval_checkpoint is not None:
@@ -1529,6 +1703,15 @@ def main(args: Optional[List[str]] = None) -> None:
         sys.exit(130)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # storage failing mid-run (start-up problems are UserErrors already)
+        if err.errno not in (*STORAGE_ERRORS, errno.EACCES):
+            raise
+        run_dir = getattr(config, "run_dir", None)
+        folder = Path(err.filename).parent if err.filename else run_dir
+        resume = f"resume with: python algorithms/dt.py --run_dir {run_dir}" if run_dir else "run the command again"
+        print(f"error: {STORAGE_ERRORS.get(err.errno, 'cannot write to {}').format(folder)} ({err.strerror}: "
+              f"{err.filename}); free space or make it writable again, then {resume}", file=sys.stderr)
         sys.exit(2)
 
 

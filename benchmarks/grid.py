@@ -191,8 +191,11 @@ class RunTask:
         self.started, self.stalled = 0.0, 0  # stalled: SLURM attempts in a row that left latest.pt as it was
 
     def note(self, text: str) -> None:
-        with open(self.log, "a") as log:
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} grid{text}\n")
+        try:
+            with open(self.log, "a") as log:
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} grid{text}\n")
+        except OSError as err:  # its disk full or gone: the grid says it here and goes on with the other runs
+            print(f"{self.label}: cannot write {self.log} ({err.strerror}); grid{text}", file=sys.stderr, flush=True)
 
     def start(self, wait: float = 0) -> bool:
         """Start dt.py; False when another process holds the folder's lock for `wait` seconds."""

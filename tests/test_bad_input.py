@@ -147,7 +147,7 @@ CASES = [
     ("unknown dataset version", None, ["--env_name", "hopper-medium-v3"], ["hopper-medium-v3", "hopper-medium-v2"]),
     ("misspelt env", None, ["--env_name", "hoper-medium-replay-v2"], ["hopper-medium-replay-v2"]),
     ("unknown eval env", hdf5_edited(lambda d: None), ["--eval_env", "Hoper-v4"], ["Hoper-v4", "Hopper-v4"]),
-    ("dataset missing, no network", no_network, [], ["walker2d_medium_replay-v2.hdf5", "http://rail.eecs.berkeley.edu"]),
+    ("dataset missing, no network", no_network, [], ["walker2d_medium_replay-v2.hdf5", "https://rail.eecs.berkeley.edu"]),
     ("dataset_path missing", None, ["--dataset_path", "nope.hdf5"], ["nope.hdf5", "does not exist"]),
     ("dataset_path is a folder", a_folder, [], ["my_data' is a folder", "HDF5 file"]),
     ("byte-string observations", byte_strings("observations"), [], ["'observations' has dtype |S4", "float32"]),

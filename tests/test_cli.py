@@ -47,8 +47,10 @@ def test_train_and_evaluate_end_to_end(user_env, tmp_path):
     assert [r["step"] for r in train_rows] == [10, 20, 30, 40]
     assert [r["step"] for r in eval_rows] == [20, 40]
     eval_keys = {f"eval/{t}_{k}" for t in ("3600.0", "1800.0")
-                 for k in ("return_mean", "return_std", "normalized_score_mean", "normalized_score_std")}
-    assert all(set(r) == {"step", "train_loss", "learning_rate"} for r in train_rows)
+                 for k in ("return_mean", "return_std", "normalized_score_mean", "normalized_score_std",
+                           "episode_length_mean", "terminated_fraction")}
+    assert all(set(r) == {"step", "train_loss", "learning_rate", "grad_norm"} for r in train_rows)
+    assert all(0 < r["grad_norm"] < 1e3 for r in train_rows)  # before clipping: above clip_grad is allowed
     assert all(set(r) == {"step"} | eval_keys for r in eval_rows)
     assert all(math.isfinite(v) for r in rows for v in r.values())
     assert train_rows[0]["learning_rate"] == pytest.approx(10 / 10 * 1e-4)  # warm-up reached at update 10
@@ -58,7 +60,9 @@ def test_train_and_evaluate_end_to_end(user_env, tmp_path):
     assert config.update_steps == 40 and config.target_returns == (3600.0, 1800.0) and config.embedding_dim == 32
 
     assert config.run_dir == str(run_dir.relative_to(tmp_path))  # `--run_dir <folder>` finds the run again
-    assert {p.name for p in (tmp_path / "ckpt" / run_dir.name).iterdir()} == {"latest.pt", "best.pt"}
+    # the step-20 latest.pt became latest.prev.pt when the step-40 one was written
+    assert {p.name for p in (tmp_path / "ckpt" / run_dir.name).iterdir()} == {"latest.pt", "latest.prev.pt", "best.pt"}
+    assert torch.load(tmp_path / "ckpt" / run_dir.name / "latest.prev.pt", weights_only=False)["step"] == 20
     checkpoint = torch.load(tmp_path / "ckpt" / run_dir.name / "latest.pt", weights_only=False)
     assert checkpoint["step"] == 40 and checkpoint["config"]["env_name"] == "hopper-medium-v2"
     assert checkpoint["state_mean"].shape == (11,) and checkpoint["state_std"].shape == (11,)
@@ -82,8 +86,8 @@ def test_own_file_and_offline_wandb_without_account(user_env, tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*"))
     (eval_row,) = [r for r in read_rows(run_dir) if "train_loss" not in r]
     # no reference scores given: raw returns only
-    assert set(eval_row) == {"step", "eval/3600.0_return_mean", "eval/3600.0_return_std",
-                             "eval/1800.0_return_mean", "eval/1800.0_return_std"}
+    assert set(eval_row) == {"step"} | {f"eval/{t}_{k}" for t in ("3600.0", "1800.0") for k in
+                                        ("return_mean", "return_std", "episode_length_mean", "terminated_fraction")}
 
 
 def test_wandb_mode_is_read_at_every_run_not_once_per_process(tmp_path, monkeypatch):
@@ -119,7 +123,7 @@ def test_missing_dataset_without_network(user_env, tmp_path):
     user_env["D4RL_DATASET_DIR"] = str(empty)
     result = run_dt(["--env_name", "walker2d-medium-replay-v2", "--device", "cpu"], user_env, tmp_path)
     assert_one_line_error(result, str(empty / "walker2d_medium_replay-v2.hdf5"),
-                          "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/walker2d_medium_replay-v2.hdf5")
+                          "https://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/walker2d_medium_replay-v2.hdf5")
     assert list(empty.iterdir()) == []  # no partial download left
 
 

@@ -86,7 +86,7 @@ def test_every_d4rl_locomotion_name_resolves(monkeypatch, tmp_path):
         env = name.split("-")[0]
         assert source.eval_env == {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}[env]
         assert source.path == tmp_path / dt.d4rl_file_name(name)
-        assert source.url == "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + dt.d4rl_file_name(name)
+        assert source.url == "https://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/" + dt.d4rl_file_name(name)
         assert (source.ref_min_score, source.ref_max_score) == D4RL_REFERENCES[env]
 
 

@@ -119,14 +119,88 @@ def test_default_init_is_corls_effective_init():
     assert len(norms) == 2 + 2 * 3 and all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
 
 
-def test_normal_attention_init_is_the_dt_authors_gpt2_init():
+def test_normal_init_gives_the_qkv_projection_n_0_002_too():
     torch.manual_seed(0)
-    config = dt.TrainConfig(attention_init="normal")
-    model = dt.build_model(config, 11, 3)
+    model = dt.build_model(dt.TrainConfig(init="normal"), 11, 3)
     for block in model.blocks:
         qkv = block.attention.qkv.weight
         assert qkv.mean().item() == pytest.approx(0.0, abs=5e-4)
         assert qkv.std().item() == pytest.approx(0.02, rel=0.02)  # xavier would be 0.0625 at E=128
+    assert model.timestep_emb.weight.std().item() == pytest.approx(0.02, rel=0.02)
+
+
+def authors_model(state_dim=11, action_dim=3, hidden=128, layers=3, max_ep_len=1000):
+    """kzl/decision-transformer gym/'s model, built its way: a transformers GPT-2 (relu, 4E MLP) whose own init
+    covers only its modules, and torch-default embeddings, embedding LayerNorm and action head around it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(
+        vocab_size=1, n_embd=hidden, n_layer=layers, n_head=1, n_inner=4 * hidden, activation_function="relu",
+        n_positions=1024, resid_pdrop=0.1, attn_pdrop=0.1))
+    # their trajectory_gpt2.py is transformers 4.5.1's GPT-2 without wpe; transformers >= 4.12 scales c_proj's init
+    # to 0.02 / sqrt(2 n_layer), 4.5.1 gives it N(0, 0.02) as every other weight
+    for block in gpt2.h:
+        for c_proj in (block.attn.c_proj, block.mlp.c_proj):
+            torch.nn.init.normal_(c_proj.weight, std=0.02)
+    outside = {"embed_timestep": torch.nn.Embedding(max_ep_len, hidden), "embed_return": torch.nn.Linear(1, hidden),
+               "embed_state": torch.nn.Linear(state_dim, hidden), "embed_action": torch.nn.Linear(action_dim, hidden),
+               "embed_ln": torch.nn.LayerNorm(hidden), "predict_action": torch.nn.Linear(hidden, action_dim)}
+    return gpt2, outside
+
+
+def assert_same_distribution(ours, theirs, name):
+    """Same scale (std within 25%: the inits told apart differ 3x to 50x), same centre, same bound."""
+    ours, theirs = ours.detach().float(), theirs.detach().float()
+    spread = theirs.std().item()
+    if theirs.numel() >= 30:
+        assert ours.std().item() == pytest.approx(spread, rel=0.25, abs=1e-7), name
+        assert abs(ours.mean().item() - theirs.mean().item()) <= 4 * spread * (2 / theirs.numel()) ** 0.5 + 1e-7, name
+    assert ours.abs().max().item() <= 1.5 * theirs.abs().max().item() + 1e-7, name  # a uniform's bound, a normal's tail
+
+
+def test_kzl_init_is_the_dt_authors_model():
+    gpt2, outside = authors_model()
+    torch.manual_seed(1)
+    model = dt.build_model(dt.TrainConfig(init="kzl", activation="relu"), 11, 3)
+    pairs = [(model.timestep_emb.weight, outside["embed_timestep"].weight, "timestep embedding: N(0, 1)"),
+             (model.out_norm.weight, gpt2.ln_f.weight, "final LayerNorm"), (model.out_norm.bias, gpt2.ln_f.bias, "")]
+    for name in ("return", "state", "action"):  # kaiming-uniform weights, uniform biases
+        ours, theirs = getattr(model, f"{name}_emb"), outside[f"embed_{name}"]
+        pairs += [(ours.weight, theirs.weight, f"{name} embedding"), (ours.bias, theirs.bias, f"{name} bias")]
+    head = model.action_head[0]
+    pairs += [(head.weight, outside["predict_action"].weight, "action head"),
+              (head.bias, outside["predict_action"].bias, "action head bias"),
+              (model.emb_norm.weight, outside["embed_ln"].weight, "embedding LayerNorm")]
+    for block, theirs in zip(model.blocks, gpt2.h):  # GPT-2's Conv1D stores weights transposed
+        pairs += [(block.attention.qkv.weight, theirs.attn.c_attn.weight.T, "q/k/v: N(0, 0.02)"),
+                  (block.attention.qkv.bias, theirs.attn.c_attn.bias, "q/k/v bias: 0"),
+                  (block.attention.proj.weight, theirs.attn.c_proj.weight.T, "attention output"),
+                  (block.mlp[0].weight, theirs.mlp.c_fc.weight.T, "MLP in"), (block.mlp[2].weight, theirs.mlp.c_proj.weight.T, "MLP out"),
+                  (block.norm1.weight, theirs.ln_1.weight, "LayerNorm 1"), (block.norm2.bias, theirs.ln_2.bias, "LayerNorm 2")]
+        assert isinstance(block.mlp[1], torch.nn.ReLU)
+    for ours, theirs, name in pairs:
+        assert ours.shape == theirs.shape or name.startswith("timestep"), name
+        assert_same_distribution(ours, theirs, name)
+    assert model.timestep_emb.weight.std().item() == pytest.approx(1.0, rel=0.02)  # not 0.02: torch's default
+    assert model.action_head[0].bias.abs().min() > 0  # torch's uniform bias, not zeros
+    # no positional embedding: only the timestep table, and a window's predictions do not depend on where it sits
+    assert [name for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)] == ["timestep_emb"]
+    states, actions, returns, timesteps = random_inputs(small_model(init="kzl"), batch=2)
+    small = small_model(init="kzl")
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[:, :2] = False  # the last four steps moved two steps later in the window
+    torch.testing.assert_close(small(states, actions, returns, timesteps, padding_mask=mask)[:, 2:],
+                               small(states[:, 2:], actions[:, 2:], returns[:, 2:], timesteps[:, 2:]), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_init_still_loads_as_init(tmp_path, capsys):
+    """YAMLs of the old field keep loading: attention_init xavier is init corl, normal is normal, with a warning."""
+    for old, new in (("xavier", "corl"), ("normal", "normal")):
+        (tmp_path / "old.yaml").write_text(f"attention_init: {old}\n")
+        config = dt.parse_config(["--config_path", str(tmp_path / "old.yaml")])
+        dt.validate_config(config)
+        assert (config.init, config.attention_init) == (new, None)
+        assert f"attention_init was renamed init: attention_init {old} is read as init {new}" in capsys.readouterr().err
 
 
 def test_masked_mse_is_mean_over_real_entries():

@@ -28,15 +28,17 @@ sys.path.insert(0, {str(ROOT / 'algorithms')!r})
 import dt, torch
 fault, marker = os.environ["FAULT"], os.environ["MARKER"]
 if fault == "hang_in_checkpoint_write":  # the step-200 checkpoint write stops half way, until kill -9
-    real_save = torch.save
-    def save(obj, path):
-        if isinstance(obj, dict) and obj.get("step") == 200:
-            with open(path, "wb") as f:
-                f.write(b"half a checkpoint")
+    real_save, real_write, saving = torch.save, dt.atomic_write, []
+    def save(obj, file):
+        saving.append(obj.get("step") if isinstance(obj, dict) else None)
+        real_save(obj, file)
+    def atomic_write(path, write, keep_previous=False):
+        if saving and saving[-1] == 200 and path.name == "latest.pt":
+            path.with_name(f"latest.pt.tmp-{os.getpid()}").write_bytes(b"half a checkpoint")
             open(marker, "w").close()
             time.sleep(600)
-        real_save(obj, path)
-    dt.torch.save = save
+        real_write(path, write, keep_previous)
+    dt.torch.save, dt.atomic_write = save, atomic_write
 elif fault == "nan_from_step_150":  # the loss turns NaN at update 150
     real_mse, calls = dt.masked_mse, [0]
     def mse(*args):

@@ -1,7 +1,6 @@
 """Decision Transformer (Chen et al., 2021) for offline RL on D4RL-format and Minari data, in one file, read top to
 bottom: config -> data -> model -> evaluation -> logging -> training -> main. It follows CORL's baseline detail by
-detail (README.md, "Algorithm"), but keeps a trailing trajectory piece without terminal/timeout flag and averages
-the loss over real (unpadded) steps only.
+detail (README.md, "Algorithm"), except two defaults (fields): keep_trailing_piece true, loss_reduction real_steps.
 
     python algorithms/dt.py --config_path configs/dt/hopper/medium_v2.yaml [--field value ...]
 """
@@ -27,10 +26,9 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import uuid
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -114,7 +112,7 @@ class TrainConfig:
     # per_episode: episode i reset with seed eval_seed + i; per_target: CORL's env.seed(eval_seed) once per target, then
     # consecutive resets; unseeded: the DT authors' (never seeded)
     eval_reset: str = "per_episode"
-    tf32: bool = False  # TF32 tensor cores for float32 matmuls on CUDA: faster, a 10-bit mantissa (docs/gpu.md)
+    tf32: bool = True  # float32 matmuls on TF32 tensor cores (CUDA): PyTorch 1.7-1.11 did, as both tables ran (docs/gpu.md)
 
 
 class UserError(Exception):
@@ -123,16 +121,14 @@ class UserError(Exception):
 
 def validate_config(config: TrainConfig) -> None:
     c = config
-    for name in ("embedding_dim", "num_layers", "num_heads", "seq_len", "episode_len", "batch_size", "update_steps",
-                 "eval_episodes", "eval_every", "log_every"):
-        if getattr(c, name) <= 0:
-            raise UserError(f"{name} must be a positive integer, got {getattr(c, name)}")
-    for name in ("attention_dropout", "residual_dropout", "embedding_dropout", "val_fraction"):
-        if not 0.0 <= getattr(c, name) < 1.0:
-            raise UserError(f"{name} must be in [0, 1), got {getattr(c, name)}")
-    for name in ("micro_batch", "warmup_steps", "train_seed", "eval_seed", "weight_decay"):
-        if getattr(c, name) < 0:
-            raise UserError(f"{name} must be >= 0, got {getattr(c, name)}")
+    for what, holds, names in (  # first: the checks below divide by num_heads
+            ("a positive integer", lambda v: v > 0, "embedding_dim num_layers num_heads seq_len episode_len "
+             "batch_size update_steps eval_episodes eval_every log_every"),
+            ("in [0, 1)", lambda v: 0 <= v < 1, "attention_dropout residual_dropout embedding_dropout val_fraction"),
+            (">= 0", lambda v: v >= 0, "micro_batch warmup_steps train_seed eval_seed weight_decay")):
+        for name in names.split():
+            if not holds(getattr(c, name)):
+                raise UserError(f"{name} must be {what}, got {getattr(c, name)}")
     checks = [  # (holds, what to say when it does not)
         (c.embedding_dim % c.num_heads == 0, f"embedding_dim ({c.embedding_dim}) must be divisible by num_heads ({c.num_heads})"),
         (min(c.max_action, c.reward_scale, c.learning_rate) > 0, "max_action, reward_scale and learning_rate must be positive"),
@@ -175,13 +171,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def keep_freed_memory() -> None:
-    """glibc keeps freed blocks for reuse: else each CPU forward pass page-faults its activations in afresh
-    (1.9x slower over 200 eval windows, benchmarks/page_faults.py). The process keeps its peak memory."""
+    """glibc keeps freed blocks: CPU forward passes stop page-faulting (1.9x faster, benchmarks/page_faults.py)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         libc = ctypes.CDLL("libc.so.6")
         if not libc.mallopt(-3, 1 << 30):  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap
             libc.mallopt(-3, 32 << 20)  # older glibc caps it at 32 MB
-        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never hand the heap's free top back
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never hand the heap's free top back (peak memory stays)
 
 
 def set_seed(seed: int, deterministic_torch: bool = False) -> None:
@@ -200,11 +195,8 @@ D4RL_KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "med
 # gymnasium -v4 envs are the maintained equivalents of the gym -v3 envs the -v2 data was collected on
 D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
 # (random return, expert return) used by D4RL's normalized score
-D4RL_REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-}
+D4RL_REF_SCORES = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),
+                   "walker2d": (1.629008, 4592.3)}
 D4RL_NAMES = [f"{env}-{kind}-v2" for env in D4RL_ENVS for kind in D4RL_KINDS]
 
 # The other D4RL families are read from their maintained Minari ports and evaluated in gymnasium-robotics envs:
@@ -310,9 +302,8 @@ def _first(*values: Any) -> Any:
 
 
 def download(url: str, path: Path, attempts: int = 6, timeout: float = 60.0) -> None:
-    """Download to <path>.part, renamed into place once whole and readable as a D4RL file. Once the server has
-    answered, HTTP 5xx (urllib3's Retry), a body cut off mid-way and a stall over `timeout` s are retried with
-    backoff, resuming with an HTTP Range request; a server that cannot be reached fails at once (no network)."""
+    """Download to <path>.part, renamed into place once whole and a D4RL file. HTTP 5xx, a body cut off and a stall
+    over `timeout` s are retried with backoff, resuming by HTTP Range; an unreachable server fails at once."""
     import requests  # wandb's dependency too
     session = requests.Session()
     retry = requests.adapters.Retry(total=attempts, connect=0, read=0, backoff_factor=1,
@@ -352,15 +343,13 @@ def download(url: str, path: Path, attempts: int = 6, timeout: float = 60.0) -> 
 
 
 def load_d4rl_hdf5(path: Path) -> Dict[str, np.ndarray]:
-    """Read the five arrays DT needs from a D4RL-layout HDF5 file, with shape and value checks."""
     try:
         with h5py.File(path, "r") as f:
             if missing := [k for k in D4RL_KEYS if k not in f]:
                 raise UserError(f"{path} is missing HDF5 keys {missing}; a D4RL-layout file has {list(D4RL_KEYS)}")
-            data = {k: f[k][()] for k in D4RL_KEYS}
+            return checked_transitions({k: f[k][()] for k in D4RL_KEYS}, path)
     except OSError as err:
         raise UserError(f"cannot read {path} as HDF5 ({err}); delete it to download again, or fix dataset_path") from None
-    return checked_transitions(data, path)
 
 
 def checked_transitions(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.ndarray]:
@@ -368,8 +357,7 @@ def checked_transitions(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.
     n = len(data["rewards"])
     if n == 0:
         raise UserError(f"{path} holds no transitions")
-    bad = [f"{k} has {len(v)}" for k, v in data.items() if len(v) != n]
-    if bad:
+    if bad := [f"{k} has {len(v)}" for k, v in data.items() if len(v) != n]:
         raise UserError(f"{path}: arrays differ in length (rewards has {n}, {', '.join(bad)})")
     if data["observations"].size == 0 or data["actions"].size == 0:
         raise UserError(f"{path}: observations or actions have no features (shapes "
@@ -384,7 +372,6 @@ def checked_transitions(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.
     return {**{k: data[k].astype(np.float32).reshape(n, -1) for k in ("observations", "actions")},  # [N, dim]
             "rewards": data["rewards"].astype(np.float32).reshape(n),
             **{k: data[k].astype(bool).reshape(n) for k in ("terminals", "timeouts")}}
-
 
 
 HF_D4RL_REPO = "edbeeching/decision_transformer_gym_replay"  # D4RL -v2 on the Hugging Face Hub, one row per trajectory
@@ -434,8 +421,7 @@ def load_hf_trajectories(source: Any) -> Dict[str, np.ndarray]:
 
 
 # --- Data: Minari datasets --------------------------------------------------------------------
-def obs_keys(keys: Any) -> List[str]:
-    """Flattening order of dict observations: observation, achieved_goal, desired_goal, then other keys sorted."""
+def obs_keys(keys: Any) -> List[str]:  # OBS_KEY_ORDER's, then the others sorted
     return [k for k in OBS_KEY_ORDER if k in keys] + sorted(k for k in keys if k not in OBS_KEY_ORDER)
 
 
@@ -480,8 +466,7 @@ def load_minari(source: DatasetSource, recover_env: bool) -> Tuple[DatasetSource
     raw = checked_transitions(dict(zip(D4RL_KEYS, map(np.concatenate, zip(*episodes)))), source.path)  # all episodes
     if recover_env and dataset.env_spec is not None:  # the dataset's eval env, as its metadata describes it
         env_kwargs = MINARI_PORTS.get(source.minari_id, (None, None, {}))[2]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "no eval env spec: the data env is used", old env versions
+        with warnings.catch_warnings(action="ignore"):  # e.g. "no eval env spec: the data env is used", old versions
             try:
                 env = dataset.recover_environment(eval_env=True, **env_kwargs)
             except (ImportError, gym.error.Error) as err:
@@ -498,7 +483,6 @@ def load_minari(source: DatasetSource, recover_env: bool) -> Tuple[DatasetSource
 
 
 def load_dataset(config: TrainConfig, source: DatasetSource) -> Tuple[DatasetSource, Dict[str, np.ndarray]]:
-    """The transitions, from the Hub, a Minari dataset or a D4RL-layout HDF5 file (downloaded when missing)."""
     if config.dataset_source == "hf":
         return source, load_hf_trajectories(source.path or config.env_name)
     if source.minari_id is not None:
@@ -512,9 +496,8 @@ def load_dataset(config: TrainConfig, source: DatasetSource) -> Tuple[DatasetSou
 def cut_trajectories(terminals: np.ndarray, timeouts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Start index and length of every trajectory; a trajectory ends at each terminal or timeout."""
     ends = np.flatnonzero(terminals | timeouts) + 1  # exclusive end of each flagged trajectory
-    n = len(terminals)
-    if len(ends) == 0 or ends[-1] != n:
-        ends = np.append(ends, n)  # keep a trailing piece with neither flag (the baseline drops it)
+    if len(ends) == 0 or ends[-1] != len(terminals):
+        ends = np.append(ends, len(terminals))  # keep a trailing piece with neither flag (the baseline drops it)
     starts = np.concatenate([[0], ends[:-1]])
     return starts.astype(np.int64), (ends - starts).astype(np.int64)
 
@@ -578,7 +561,6 @@ class WindowSampler:
     is CORL's trajectory drawn in proportion to its length, then a start uniformly inside it."""
 
     def __init__(self, data: OfflineData, seq_len: int, device: torch.device, seed: int):
-        self.seq_len = seq_len
         lengths = torch.as_tensor(data.traj_lengths)
         traj_of_step = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         starts = torch.as_tensor(data.traj_starts)
@@ -610,8 +592,7 @@ class WindowSampler:
 class CausalSelfAttention(nn.Module):
     def __init__(self, embedding_dim: int, num_heads: int, attention_dropout: float):
         super().__init__()
-        self.num_heads = num_heads
-        self.attention_dropout = attention_dropout
+        self.num_heads, self.attention_dropout = num_heads, attention_dropout
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)
         self.proj = nn.Linear(embedding_dim, embedding_dim)
 
@@ -626,17 +607,14 @@ class CausalSelfAttention(nn.Module):
             b_q, b_kv = self.qkv.bias.split([dim, 2 * dim])
             q = F.linear(x[:, queries], w_q, b_q).view(batch, -1, self.num_heads, head_dim).transpose(1, 2)
             k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,  # causal and key padding; None: causal (or a last query that sees all)
-            is_causal=attn_mask is None and queries is None,
-            dropout_p=self.attention_dropout if self.training else 0.0,  # dropout on attention weights
-        )
+        # attn_mask: causal and key padding; None: causal (or a last query that sees all); dropout on attention weights
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=attn_mask is None and queries is None,
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(batch, q.shape[2], dim))
 
 
 # MLP activations: exact (erf) GELU as CORL, ReLU as the DT authors' code and transformers' default
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # no parameters: the state_dict is the same for every activation
 
 
 class TransformerBlock(nn.Module):
@@ -647,12 +625,8 @@ class TransformerBlock(nn.Module):
         self.attention = CausalSelfAttention(embedding_dim, num_heads, attention_dropout)
         self.attention_drop = nn.Dropout(residual_dropout)
         self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(embedding_dim, 4 * embedding_dim),
-            ACTIVATIONS[activation](),  # no parameters: the state_dict is the same for every activation
-            nn.Linear(4 * embedding_dim, embedding_dim),
-            nn.Dropout(residual_dropout),
-        )
+        self.mlp = nn.Sequential(nn.Linear(embedding_dim, 4 * embedding_dim), ACTIVATIONS[activation](),
+                                 nn.Linear(4 * embedding_dim, embedding_dim), nn.Dropout(residual_dropout))
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], queries: Optional[slice] = None) -> torch.Tensor:
         attention = self.attention(self.norm1(x), attn_mask, queries)
@@ -668,8 +642,7 @@ class DecisionTransformer(nn.Module):
                  embedding_dropout: float = 0.1, max_action: float = 1.0, activation: str = "gelu", init: str = "corl"):
         super().__init__()
         self.state_dim, self.action_dim = state_dim, action_dim
-        self.seq_len, self.episode_len = seq_len, episode_len
-        self.max_action = max_action
+        self.seq_len, self.episode_len, self.max_action = seq_len, episode_len, max_action
         # padded training steps keep counting past the episode end, hence episode_len + seq_len rows
         self.timestep_emb = nn.Embedding(episode_len + seq_len, embedding_dim)
         self.return_emb = nn.Linear(1, embedding_dim)
@@ -677,10 +650,8 @@ class DecisionTransformer(nn.Module):
         self.action_emb = nn.Linear(action_dim, embedding_dim)
         self.emb_norm = nn.LayerNorm(embedding_dim)
         self.emb_drop = nn.Dropout(embedding_dropout)
-        self.blocks = nn.ModuleList([
-            TransformerBlock(embedding_dim, num_heads, attention_dropout, residual_dropout, activation)
-            for _ in range(num_layers)
-        ])
+        self.blocks = nn.ModuleList(TransformerBlock(embedding_dim, num_heads, attention_dropout, residual_dropout,
+                                                     activation) for _ in range(num_layers))
         self.out_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
         # kzl: the DT authors' GPT-2 initialises only its own modules, the blocks and the final LayerNorm; their
@@ -692,13 +663,10 @@ class DecisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(block.attention.qkv.weight)  # torch's own MHA init: std sqrt(1/(2E))
 
     @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(module: nn.Module) -> None:  # LayerNorms keep torch's init: weight 1, bias 0 (as CORL sets)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
@@ -708,11 +676,9 @@ class DecisionTransformer(nn.Module):
         step) -> predicted actions [B,T,A], or [B,A] of the last step with last_only (evaluation)."""
         batch, steps = states.shape[:2]
         time_emb = self.timestep_emb(timesteps)  # shared timestep embedding for R, s, a of one step
-        tokens = torch.stack([
-            self.return_emb(returns_to_go.unsqueeze(-1)) + time_emb,
-            self.state_emb(states) + time_emb,
-            self.action_emb(actions) + time_emb,
-        ], dim=2).reshape(batch, 3 * steps, -1)  # [B, T, 3, E] -> [B, 3T, E]: R_0, s_0, a_0, R_1, ...
+        embeddings = (self.return_emb(returns_to_go.unsqueeze(-1)), self.state_emb(states), self.action_emb(actions))
+        # [B, T, 3, E] -> [B, 3T, E]: R_0, s_0, a_0, R_1, ...
+        tokens = torch.stack([e + time_emb for e in embeddings], dim=2).reshape(batch, 3 * steps, -1)
         length = 3 * steps - 1  # a_T only influences later tokens, and there are none
         x = self.emb_drop(self.emb_norm(tokens[:, :length]))
         # the last block's outputs: every state token s_t (predicts a_t), or only the last one
@@ -773,8 +739,7 @@ VIDEO_SIZE = 256  # frame width and height in pixels, a multiple of 16 as the mp
 
 
 def make_render_env(make_env_fn: Callable[..., gym.Env]) -> gym.Env:
-    """An eval env rendering rgb_array frames, without MuJoCo's shadows, reflections and multisampling (drawing
-    only, no physics): 5 instead of 80 ms a frame with software OpenGL here."""
+    """An rgb_array eval env without MuJoCo's shadows, reflections and multisampling: 5, not 80 ms a frame."""
     try:
         env = make_env_fn(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
     except TypeError:  # an env without frame size arguments
@@ -808,7 +773,7 @@ def check_video(make_env_fn: Callable[..., gym.Env]) -> None:
                         "set MUJOCO_GL=osmesa with libosmesa6, or run without --eval_video")
 
 
-class EpisodeVideo:
+class EpisodeVideo(contextlib.AbstractContextManager):
     """One episode's mp4, frames labelled with target and return so far; renamed into place when complete. One that
     cannot be written (a full disk, a folder gone) is dropped with a warning: a video is not worth a run."""
 
@@ -839,9 +804,6 @@ class EpisodeVideo:
         with contextlib.suppress(Exception):
             self.writer.close()
         self.writer = None
-
-    def __enter__(self) -> "EpisodeVideo":
-        return self
 
     def __exit__(self, error: Any, *_: Any) -> None:
         try:
@@ -963,9 +925,8 @@ class EvalEnvs:
         return episodes
 
     def close(self) -> None:
-        if self.workers == 0:
-            for env in self.envs:
-                env.close()
+        for env in getattr(self, "envs", []):  # in this process
+            env.close()
         for pipe in getattr(self, "pipes", []):
             with contextlib.suppress(OSError):  # a worker that already died
                 pipe.send(("close", None, None))
@@ -980,9 +941,8 @@ def reset_env(env: gym.Env, seed: int, resets_after: int) -> np.ndarray:
 
 
 def reset_seeds(eval_reset: str, eval_seed: int, episodes: int, targets: int) -> np.ndarray:
-    """[episodes * targets, 2] for EvalEnvs.reset: episode i of every target reset with seed eval_seed + i
-    (per_episode), with eval_seed and then i more resets (per_target: CORL), or from fresh OS entropy at every
-    evaluation (unseeded: the DT authors never seed their env)."""
+    """[episodes * targets, 2] for EvalEnvs.reset: episode i of each target seeded eval_seed + i (per_episode),
+    eval_seed then i more resets (per_target: CORL) or OS entropy at each evaluation (unseeded: the DT authors')."""
     i = np.tile(np.arange(episodes), targets)
     seed = {"per_episode": eval_seed + i, "per_target": np.full_like(i, eval_seed),
             "unseeded": np.random.default_rng().integers(2**31, size=len(i))}
@@ -999,21 +959,18 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
     """Episode e runs in env e with target targets[e] from reset seeds[e], one batched forward pass a step for
     all; returns [episodes] of EPISODE. timing gains model and env seconds; videos: an mp4 path (or None) per episode."""
     num, K, S, A = len(targets), model.seq_len, model.state_dim, model.action_dim
-    clock = time.perf_counter
     live = np.arange(num)  # episode index of each batch row
     observations = envs.reset(live, seeds)
     # the last K steps of every live episode; the newest step sits at index K-1
-    states = torch.zeros(num, K, S, device=device)
-    actions = torch.zeros(num, K, A, device=device)
-    returns = torch.zeros(num, K, device=device)
-    timesteps = torch.zeros(num, K, dtype=torch.long, device=device)
+    states, actions = torch.zeros(num, K, S, device=device), torch.zeros(num, K, A, device=device)
+    returns, timesteps = torch.zeros(num, K, device=device), torch.zeros(num, K, dtype=torch.long, device=device)
     returns[:, -1] = torch.as_tensor(targets * reward_scale, dtype=torch.float32, device=device)  # R_0
     episodes = np.zeros(num, dtype=EPISODE)
     with contextlib.ExitStack() as stack:  # a video is complete only when the rollout is
         videos = {e: stack.enter_context(EpisodeVideo(path, targets[e], envs.fps))
                   for e, path in enumerate(() if videos is None else videos) if path}
         for t in range(model.episode_len):
-            start = clock()
+            start = time.perf_counter()
             states[:, -1] = torch.as_tensor((observations.astype(np.float32) - state_mean) / state_std, device=device)
             timesteps[:, -1] = t
             actions[:, -1] = 0.0  # placeholder for the action being chosen
@@ -1022,11 +979,11 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
                            timesteps[:, -context:], last_only=True)  # prediction at the last state token
             actions[:, -1] = action
             action = action.cpu().numpy()
-            stepped = clock()
+            stepped = time.perf_counter()
             next_obs, rewards, ended = envs.step(live, action)  # every live env steps
             if timing is not None:
                 timing["forward"] += stepped - start
-                timing["env"] += clock() - stepped
+                timing["env"] += time.perf_counter() - stepped
             done = ended.any(axis=1) | (t + 1 >= model.episode_len)  # terminated, truncated or at episode_len
             episodes["return"][live] += rewards
             episodes["length"][live], episodes["terminated"][live] = t + 1, ended[:, 0]  # fell, not timed out
@@ -1051,8 +1008,7 @@ def evaluate(model: DecisionTransformer, envs: EvalEnvs, target_returns: Tuple[f
              timing: Optional[Dict[str, float]] = None, video_prefix: Optional[str] = None,
              eval_reset: str = "per_episode") -> Dict[float, np.ndarray]:
     """eval_episodes episodes per target, all together -> {target: episodes (EPISODE)}, reset as reset_seeds says.
-    With workers on CPU each runs its episodes' rollout with a model copy; on GPU the model runs here and workers
-    step envs. Rendering envs record to <video_prefix>_target<target>_ep<i>.mp4."""
+    With workers on CPU each runs its episodes' rollout with a model copy; on GPU the model runs here, workers step."""
     num = eval_episodes * len(target_returns)
     targets = np.repeat(np.asarray(target_returns, dtype=np.float64), eval_episodes)  # episode e -> its target
     seeds = reset_seeds(eval_reset, eval_seed, eval_episodes, len(target_returns))
@@ -1136,7 +1092,7 @@ class RunLogger:
             print(f"wandb: no API key and WANDB_MODE unset, logging offline to {run_dir / 'wandb'} "
                   "(upload later with `wandb sync`)")
         id_file = run_dir / "wandb_run_id"  # a resumed run logs to the same wandb run
-        self.run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        self.run_id = id_file.read_text().strip() if id_file.exists() else os.urandom(4).hex()
         atomic_write(id_file, lambda tmp: tmp.write_text(self.run_id))
         try:
             self.run = wandb.init(project=config.project, group=config.group, name=run_name, job_type=job_type,
@@ -1243,10 +1199,9 @@ def given_fields(args: Optional[List[str]]) -> set:
     args = sys.argv[1:] if args is None else args
     names = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
     paths = [a.split("=", 1)[1] for a in args if a.startswith("--config_path=")]
-    paths += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config_path"]
+    paths += [value for flag, value in zip(args, args[1:]) if flag == "--config_path"]
     for path in paths:
-        with open(path) as f:
-            names |= set(yaml.safe_load(f) or {})
+        names |= set(yaml.safe_load(Path(path).read_text()) or {})
     return names
 
 
@@ -1260,8 +1215,7 @@ def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ..
     given = getattr(cli, "given", None)  # set by parse_config; a config built in code: its non-default fields
     given = given if given is not None else {k for k, v in asdict(cli).items() if v != getattr(TrainConfig(), k)}
     changed = [name for name in sorted(given & set(asdict(cli))) if getattr(cli, name) != getattr(config, name)]
-    for name in set(changed) & set(allowed):
-        setattr(config, name, getattr(cli, name))
+    config = replace(config, **{name: getattr(cli, name) for name in changed if name in allowed})
     if ignored := [name for name in changed if name not in allowed]:
         print(f"warning: the run's saved config is used; ignoring command-line {', '.join(ignored)}", file=sys.stderr)
     return config
@@ -1300,9 +1254,8 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
     device = resolve_device(config.device)
     torch.backends.cuda.matmul.allow_tf32 = config.tf32  # as in training: the same numbers as its evaluations
     eval_env = config.eval_env or checkpoint.get("eval_env_spec") or checkpoint.get("eval_env")  # spec: Minari
-    ref_min = _first(config.ref_min_score, checkpoint.get("ref_min_score"))
-    ref_max = _first(config.ref_max_score, checkpoint.get("ref_max_score"))
-    run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+    refs = [_first(getattr(config, key), checkpoint.get(key)) for key in ("ref_min_score", "ref_max_score")]
+    run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name.replace('/', '-')}-{os.urandom(4).hex()}"
     envs = make_eval_envs(config, eval_env, (checkpoint["state_dim"], checkpoint["action_dim"]), "the checkpoint")
     # videos go to a temporary folder, moved into the run folder after the evaluation
     with contextlib.closing(envs), tempfile.TemporaryDirectory(prefix="dt-videos-") as videos:
@@ -1315,7 +1268,7 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
         for video in Path(videos).glob("*.mp4"):  # Ctrl+C during evaluation leaves nothing behind
             shutil.move(str(video), run_dir / "videos" / video.name)
     atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(pyrallis.dump(config)))
-    scores = eval_metrics(results, ref_min, ref_max)
+    scores = eval_metrics(results, *refs)
     print(format_eval_table(checkpoint["step"], scores, config.target_returns))
     logger = RunLogger(config, run_dir.name, run_dir, job_type="eval")
     logger.log(scores, step=checkpoint["step"], videos=sorted((run_dir / "videos").glob("*.mp4")))
@@ -1324,12 +1277,10 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
 
 
 def create_dirs(*dirs: Path) -> None:
-    """Create output folders, checking they are writable; on failure remove the ones made here."""
     made = []
     try:
         for folder in dirs:
-            missing = [p for p in (folder, *folder.parents) if not p.exists()]
-            made.extend(reversed(missing))
+            made += reversed([p for p in (folder, *folder.parents) if not p.exists()])
             folder.mkdir(parents=True, exist_ok=True)
             (folder / ".write-test").touch()
             (folder / ".write-test").unlink()
@@ -1348,7 +1299,6 @@ def build_model(config: TrainConfig, state_dim: int, action_dim: int) -> Decisio
 
 def build_training(config: TrainConfig, state_dim: int, action_dim: int,
                    device: torch.device) -> Tuple[DecisionTransformer, torch.optim.Optimizer, Any]:
-    """The model, AdamW and the warm-up schedule of the config."""
     model = build_model(config, state_dim, action_dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
                                   weight_decay=config.weight_decay,
@@ -1439,8 +1389,7 @@ def resume_point(config: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, A
 
 
 def load_latest(folder: Path) -> Optional[Dict[str, Any]]:
-    """latest.pt; when it is damaged or missing, the one before it (latest.prev.pt), with a warning: one checkpoint
-    interval is trained again. None when the run wrote no checkpoint yet."""
+    """latest.pt, else (damaged or missing) latest.prev.pt with a warning; None if the run wrote none yet."""
     latest, previous = folder / "latest.pt", folder / "latest.prev.pt"
     if not previous.exists():
         return load_checkpoint(latest) if latest.exists() else None
@@ -1475,7 +1424,7 @@ def open_run_dir(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Tuple
     """The run folder and the checkpoint folder, created; a new run writes its config.yaml there."""
     env_label = config.env_name.replace("/", "-")  # Minari ids have '/'
     run_dir = Path(config.run_dir or Path(config.runs_dir) /
-                   f"{config.name}-{env_label}-seed{config.train_seed}-{uuid.uuid4().hex[:8]}")
+                   f"{config.name}-{env_label}-seed{config.train_seed}-{os.urandom(4).hex()}")
     config.run_dir = str(run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
     ckpt_dir = checkpoint_dir(config, run_dir)
     create_dirs(run_dir, ckpt_dir, *([run_dir / "videos"] if config.eval_video else []))
@@ -1529,9 +1478,8 @@ class Run:
         self.loss_sum, self.loss_count = checkpoint["loss_sum"].to(self.loss_sum.device), checkpoint["loss_count"]
 
     def save(self, *names: str) -> None:
-        """Write the checkpoint files `names` (latest.pt, best.pt)."""
         data, source = self.data, self.source
-        checkpoint = {
+        checkpoint = {  # written to each of `names`
             "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(), "step": self.step,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -1542,8 +1490,7 @@ class Run:
             "config": asdict(self.config), "eval_env": source.eval_env, "eval_env_spec": source.env_spec,
             "ref_min_score": source.ref_min_score, "ref_max_score": source.ref_max_score,
             "wandb_run_id": self.logger.run_id, "best_score": self.best_score, "metrics": self.metrics,
-            "loss_sum": self.loss_sum.detach().cpu(), "loss_count": self.loss_count,
-        }
+            "loss_sum": self.loss_sum.detach().cpu(), "loss_count": self.loss_count}
         serialised = io.BytesIO()
         torch.save(checkpoint, serialised)  # in memory: a full disk then fails the file's write, an OSError
         self.logger.sync()  # metrics.jsonl's rows up to this checkpoint are on the disk before it
@@ -1562,7 +1509,6 @@ class Run:
                             "Lower learning_rate, set clip_grad, or check the dataset")
 
     def log_training(self, learning_rate: float, grad_norm: torch.Tensor, commit: bool) -> None:
-        """Log the interval's mean training loss, the learning rate and this update's gradient norm; a new interval."""
         row = {"train_loss": self.loss_sum.item() / self.loss_count, "learning_rate": learning_rate,
                "grad_norm": grad_norm.item()}
         self.metrics = {**self.metrics, **row}
@@ -1572,7 +1518,6 @@ class Run:
         self.loss_count = 0
 
     def evaluate(self) -> None:
-        """Evaluate (returns at every target, videos, val_loss), log, and write latest.pt (and best.pt)."""
         config, step, videos = self.config, self.step, self.run_dir / "videos"
         results = evaluate(self.model, self.envs, config.target_returns, config.eval_episodes, config.eval_seed,
                            self.data.state_mean, self.data.state_std, config.reward_scale, self.loss_sum.device,
@@ -1591,7 +1536,6 @@ class Run:
 
 
 def start_run(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Run:
-    """Load the data, make the eval envs and the run folder, build (or restore) the model and optimizer."""
     device = resolve_device(config.device)
     torch.backends.cuda.matmul.allow_tf32 = config.tf32  # float32 matmuls on TF32 tensor cores (CUDA only)
     source, data, val = training_data(config, resume)
@@ -1691,7 +1635,6 @@ STORAGE_ERRORS = {errno.ENOSPC: "the disk or quota holding {} is full", errno.ED
 
 def main(args: Optional[List[str]] = None) -> None:
     keep_freed_memory()
-    config = None
     try:
         config = parse_config(args)
         if config.eval_checkpoint is not None:
@@ -1707,7 +1650,7 @@ def main(args: Optional[List[str]] = None) -> None:
     except OSError as err:  # storage failing mid-run (start-up problems are UserErrors already)
         if err.errno not in (*STORAGE_ERRORS, errno.EACCES):
             raise
-        run_dir = getattr(config, "run_dir", None)
+        run_dir = config.run_dir  # parse_config raises UserErrors only: config is set
         folder = Path(err.filename).parent if err.filename else run_dir
         resume = f"resume with: python algorithms/dt.py --run_dir {run_dir}" if run_dir else "run the command again"
         print(f"error: {STORAGE_ERRORS.get(err.errno, 'cannot write to {}').format(folder)} ({err.strerror}: "

@@ -21,8 +21,8 @@
 # budget), else 0. Where $OUT is set, the logs are also packed into $OUT/gpu_check_logs.tar.gz after every step.
 set -uo pipefail
 
-ALL_STEPS=(install cuda_tests train_speed_fp32 train_speed_bf16 train_speed_bf16_compile eval_speed train_run
-           eval_only_cpu)
+ALL_STEPS=(install cuda_tests train_speed_fp32 train_speed_tf32 train_speed_bf16 train_speed_bf16_compile eval_speed
+           train_run eval_only_cpu)
 DRY_RUN=0 VENV="" INSTALL=1 WHEELS="" STEPS="" LOG_DIR="" BUDGET=0
 PY=$(command -v python3 || command -v python)
 while (($#)); do
@@ -130,6 +130,8 @@ run_step cuda_tests 300 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --jun
     tests/test_cuda.py
 run_step train_speed_fp32 150 "$PY" benchmarks/train_speed.py --device "$DEVICE" "${TRAIN_ARGS[@]}" \
     --json "$LOG_DIR/train_speed_fp32.json"
+run_step train_speed_tf32 150 "$PY" benchmarks/train_speed.py --device "$DEVICE" "${TRAIN_ARGS[@]}" --tf32 \
+    --json "$LOG_DIR/train_speed_tf32.json"  # float32 on TF32 tensor cores: dt.py's tf32 field (docs/gpu.md)
 run_step train_speed_bf16 150 "$PY" benchmarks/train_speed.py --device "$DEVICE" "${TRAIN_ARGS[@]}" --bf16 \
     --json "$LOG_DIR/train_speed_bf16.json"
 run_step train_speed_bf16_compile 240 "$PY" benchmarks/train_speed.py --device "$DEVICE" "${TRAIN_ARGS[@]}" --bf16 \

@@ -19,9 +19,10 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "algorithms"))
 
-STEPS = ("install", "cuda_tests", "train_speed_fp32", "train_speed_bf16", "train_speed_bf16_compile", "eval_speed",
-         "train_run", "eval_only_cpu")
-TRAIN_STEPS = ("train_speed_bf16_compile", "train_speed_bf16", "train_speed_fp32")  # the projection's preference
+STEPS = ("install", "cuda_tests", "train_speed_fp32", "train_speed_tf32", "train_speed_bf16", "train_speed_bf16_compile",
+         "eval_speed", "train_run", "eval_only_cpu")
+# the projection's preference
+TRAIN_STEPS = ("train_speed_bf16_compile", "train_speed_bf16", "train_speed_tf32", "train_speed_fp32")
 # CORL's schedule: 100k updates at batch 4096, an evaluation after the first update and every 5000 (21), each of
 # 2 targets x 100 episodes of at most 1000 steps
 FULL_UPDATES, FULL_EVALUATIONS, EVALUATION_STEPS = 100_000, 21, 2 * 100 * 1000
@@ -84,7 +85,7 @@ def train_speed(log_dir: Path, name: str) -> Tuple[Optional[bool], str]:
     if not figures:
         return None, ""
     row = figures["rows"][-1]
-    dtype, peak = figures["dtype"].replace("torch.", ""), row["peak_gflops"]
+    dtype, peak = figures["dtype"].replace("torch.", "") + (" (TF32)" if figures.get("tf32") else ""), row["peak_gflops"]
     peak = f"{peak / 1e3:.1f} TFLOP/s" if peak >= 1e3 else f"{peak:.0f} GFLOP/s"
     return None, (f"batch {row['batch']}: {row['updates_per_s']:.2f} updates/s, sampling {row['sampling']:.1%}, "
                   f"MFU {row['mfu']:.1%} of the {dtype} matmul peak {peak}")
@@ -166,7 +167,7 @@ def projection(log_dir: Path, ok: Dict[str, bool]) -> Tuple[List[str], List[Tupl
             figures = read_json(log_dir / f"{name}.json") if ok.get(name) else None
             if figures:
                 row = figures["rows"][-1]
-                return (f"{name}: {figures['dtype'].replace('torch.', '')}, "
+                return (f"{name}: {figures['dtype'].replace('torch.', '')}{' (TF32)' if figures.get('tf32') else ''}, "
                         f"{'compiled' if figures['compile'] else 'eager'}, batch {row['batch']}"), row
         return f"no figure from {' or '.join(names)}", None
 

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -596,9 +597,10 @@ def per_seed_table(groups: List[Group]) -> List[str]:
 
 
 CUT_NOTE = "A runs x datasets matrix takes the same number of runs from each dataset: "
-BEST_NOTE = ("† best: each run's highest evaluation. Every evaluation of a run plays the same episodes (reset seeds "
-             "eval_seed + i), so best picks the checkpoint on the episodes it is scored on: it selects on the test "
-             "set and is optimistic; last is the honest number. CORL's best is chosen the same way.")
+BEST_NOTE = ("† best: each run's highest evaluation. Every evaluation of a run plays the same episodes (the same "
+             "reset seeds, unless eval_reset is unseeded), so best picks the checkpoint on the episodes it is scored "
+             "on: it selects on the test set and is optimistic; last is the honest number. CORL's best is chosen the "
+             "same way.")
 REFERENCE_NOTE = ("‡ Compared with, by recipe: runs with `init: kzl` (the DT authors' recipe) with the DT paper "
                   "(Chen et al. 2021, Table 2: one score per dataset, its ± as printed, 3 seeds; not said at which "
                   "evaluation, shown under last); the other runs with CORL's DT (its README at commit 6afec90: "
@@ -795,8 +797,6 @@ def plot_dataset(dataset: str, groups: List[Group], path: Path, differences: Dic
     ax.set_title(f"{dataset}: {'normalized score' if metric == NORMALIZED else 'return'} at target "
                  f"{groups[0].target:g}")
     ax.set_ylabel("D4RL normalized score" if metric == NORMALIZED else "return")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -815,13 +815,12 @@ def plot_mean_curves(ax: Any, groups: List[Group], curve: Callable[[RunResult], 
             ax.plot(steps, seed_values, color=color, alpha=0.25, linewidth=0.8)
         mean, std = values.mean(axis=0), values.std(axis=0)
         fields = ", ".join(f"{k}={json.dumps(v)}" for k, v in differences.get(group.config_id, {}).items())
-        label = (f"config {group.config_id}" + (f" ({fields[:60]})" if fields else "") +
+        label = (f"config {group.config_id}" + (f" ({fields})" if fields else "") +
                  f", {len(curves)} seed{'s' if len(curves) > 1 else ''}")
         ax.plot(steps, mean, color=color, linewidth=2, marker="o", markersize=3, label=label + " (mean ± std)")
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel("update step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
 
 
 def plot_losses(ax: Any, groups: List[Group]) -> None:
@@ -839,7 +838,6 @@ def plot_losses(ax: Any, groups: List[Group]) -> None:
     ax.set_ylabel("masked action MSE (mean over seeds)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
 
 
 def plot_profiles(title: str, groups: List[Group], path: Path) -> None:
@@ -874,15 +872,20 @@ def plot_profiles(title: str, groups: List[Group], path: Path) -> None:
                                              labelsize="medium", ticklabelsize="small")
         ax.set_title(f"{title}: {'best (selected on the evaluation episodes)' if which == 'best' else 'last'}",
                      fontsize="medium")
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
     save_figure(fig, path)
 
 
 def save_figure(fig: Any, path: Path) -> None:
+    """Lay the panels out, put each one's legend under it (wrapped: config labels list fields), write atomically."""
     import matplotlib.pyplot as plt
+    fig.tight_layout()
+    for ax in fig.axes:
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles, [textwrap.fill(label, 70) for label in labels], fontsize=7, loc="upper center",
+                      bbox_to_anchor=(0.5, -0.14))
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")  # the canvas grows to hold the legends
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -952,6 +955,9 @@ def report(roots: List[Path], out_dir: Path, command: str, plots: bool = True, s
                 profiles[table] = plot_name(table, "profile_")
                 plot_profiles("D4RL locomotion" if table == "d4rl-locomotion" else table, members,
                               out_dir / profiles[table])
+            if compare is not None and stats:  # A's and B's profiles in one figure, one curve per side's config
+                plot_profiles("A and B", list(a.values()) + list(b.values()), out_dir / "profile_compare.png")
+                compared[-1:-1] = ["", "![A and B: performance profiles](profile_compare.png)"]
         text = markdown(groups, rows, problems, differences, plot_files, command, skipped_eval_only,
                         {name: (t[0], t[1], profiles[name]) for name, t in tables.items()}, compared, stats)
         write_text(out_dir / "results.md", text)

@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--tf32", action="store_true", help="TF32 tensor cores for float32 matmuls (CUDA): dt.py's tf32")
     parser.add_argument("--micro_batch", type=int, default=0, help="0: dt.py's automatic choice")
     parser.add_argument("--profile", type=int, default=5, help="updates profiled per batch size (0: none)")
     parser.add_argument("--json", help="also write the figures to this JSON file (benchmarks/gpu_check.sh reads it)")
@@ -114,10 +115,11 @@ def main() -> None:
     except dt.UserError as err:
         sys.exit(f"error: {err}")
     dt.keep_freed_memory()  # as dt.py's main() does
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # as dt.py's tf32 field sets it; the matmul peak below too
     dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"compile {args.compile}, dtype {dtype}, micro_batch {args.micro_batch or 'auto'}")
+          f"compile {args.compile}, dtype {dtype}, TF32 matmuls {args.tf32}, micro_batch {args.micro_batch or 'auto'}")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.hdf5"
@@ -150,7 +152,7 @@ def main() -> None:
               f"{flops / 1e9:.2f} | {peak / 1e9:.0f} | {mfu:.0%} |")
     if args.json:
         figures = {"device": str(device), "device_name": name, "torch": torch.__version__, "dtype": str(dtype),
-                   "compile": args.compile, "load_seconds": load_seconds, "rows": [
+                   "compile": args.compile, "tf32": args.tf32, "load_seconds": load_seconds, "rows": [
                        {"batch": batch_size, "updates_per_s": rate, "sampling": split[0], "forward_backward": split[1],
                         "optimizer": split[2], "gflop_per_update": flops / 1e9, "peak_gflops": peak / 1e9, "mfu": mfu}
                        for batch_size, rate, split, flops, peak, mfu in rows]}

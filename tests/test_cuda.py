@@ -24,6 +24,15 @@ ON_CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
 BF16_LOSS_RTOL, BF16_GRAD_RTOL = 1e-2, 5e-2
 
 
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """These tests compare float32 paths number by number: TF32 off, whatever an earlier dt.train() set (tf32)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def hopper_data(hopper_file):
     return dt.prepare_data(dt.load_d4rl_hdf5(hopper_file), reward_scale=0.001)

@@ -11,8 +11,8 @@ import torch
 
 from conftest import ROOT
 
-STEPS = ["install", "cuda_tests", "train_speed_fp32", "train_speed_bf16", "train_speed_bf16_compile", "eval_speed",
-         "train_run", "eval_only_cpu"]
+STEPS = ["install", "cuda_tests", "train_speed_fp32", "train_speed_tf32", "train_speed_bf16", "train_speed_bf16_compile",
+         "eval_speed", "train_run", "eval_only_cpu"]
 
 
 def gpu_check(args, tmp_path, out=None):
@@ -38,9 +38,9 @@ def test_dry_run_runs_every_step_and_prints_one_summary(tmp_path):
     assert [name for name in rows if name in STEPS] == STEPS  # every step, in order, once
     assert all(rows[name][1] == "ok" for name in STEPS), result.stdout
     assert re.fullmatch(r"0 passed, \d+ skipped, 0 failed", rows["cuda_tests"][3])  # run, and skipped without a GPU
-    for name in STEPS[2:5]:
-        assert re.match(r"batch 16: [\d.]+ updates/s, sampling [\d.]+%, MFU [\d.]+% of the float32 matmul peak",
-                        rows[name][3])
+    for name in STEPS[2:6]:  # on CPU TF32 and bf16 change nothing, but the TF32 step says what it asked for
+        assert re.match(r"batch 16: [\d.]+ updates/s, sampling [\d.]+%, MFU [\d.]+% of the float32"
+                        + (r" \(TF32\)" if name.endswith("tf32") else "") + " matmul peak", rows[name][3])
     assert re.match(r"4 episodes: batched \d+ episode-steps/s .* vs \d+ one at a time: [\d.]+x", rows["eval_speed"][3])
     assert rows["train_run"][3].startswith("20 updates at batch 16 on cpu, bf16 True, compile False, fused AdamW True")
     # eval-only of the checkpoint on CPU, with the training's seeds and targets: the training's returns (CPU here)
@@ -50,7 +50,7 @@ def test_dry_run_runs_every_step_and_prints_one_summary(tmp_path):
     for target in ("training MFU, bf16 at batch 4096", "sampling share of an update",
                    "batched evaluation vs one episode at a time", "projected full CORL-schedule run"):
         assert rows[target][4] in ("met", "NOT met")
-    assert result.stdout.rstrip().endswith("0 of 8 steps failed")
+    assert result.stdout.rstrip().endswith("0 of 9 steps failed")
 
     logs = tmp_path / "logs"
     assert all((logs / f"{name}.log").stat().st_size > 0 for name in STEPS)  # each step's raw output

@@ -271,3 +271,33 @@ def test_paper_presets_are_the_authors_gym_recipe(path):
 def test_paper_presets_cover_the_nine_locomotion_datasets():
     names = sorted(yaml.safe_load(p.read_text())["env_name"] for p in (ROOT / "configs/dt/paper").glob("*.yaml"))
     assert names == sorted(f"{e}-{k}-v2" for e in PAPER_TARGETS for k in ("medium", "medium-replay", "medium-expert"))
+
+
+def test_grid_plans_the_paper_presets_like_any_config():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grid
+    configs = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/dt/paper").glob("*.yaml"))
+    runs = grid.plan_grid(configs, [0, 1], [("padding_mask", "all_ones")])
+    assert len(runs) == 18 and runs[0].label == "paper-halfcheetah_medium_expert_v2-seed0"
+    assert all(run.config.init == "kzl" and run.config.padding_mask == "all_ones" for run in runs)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_field_sets_cuda_matmul_precision(tmp_path, hopper_file, monkeypatch, tf32):
+    """Training (and eval-only, from the checkpoint's config) set TF32 matmuls as the field says; default on."""
+    assert dt.TrainConfig().tf32 is True
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        dt.train(dt.TrainConfig(env_name="hopper-medium-v2", dataset_dir=str(hopper_file.parent), update_steps=2,
+                                eval_every=2, batch_size=4, seq_len=5, episode_len=100, embedding_dim=16, num_layers=1,
+                                eval_episodes=1, target_returns=(100.0,), runs_dir=str(tmp_path), device="cpu",
+                                eval_workers=0, tf32=tf32))
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        (run,) = tmp_path.iterdir()
+        dt.main(["--eval_checkpoint", str(run), "--runs_dir", str(tmp_path / "evals")])
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

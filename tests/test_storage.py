@@ -169,6 +169,17 @@ def test_full_disk_at_a_metrics_row_keeps_whole_lines(env, tmp_path, uninterrupt
         assert (run / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
 
 
+def test_disk_filled_by_wandb_offline_files_ends_with_one_line(env, tmp_path):
+    """wandb writes from its own process and drops what does not fit; the run's own next write stops it."""
+    run = tmp_path / "run"
+    with tmpfs(run, "96k"):
+        result = dt_run([*TINY, "--run_dir", str(run), "--checkpoints_path", str(tmp_path / "ckpts")],
+                        {**env, "WANDB_MODE": "offline"})
+        assert result.returncode == 2
+        assert f"the disk or quota holding {run} is full" in error_line(result.stderr)
+        assert not leftovers(run)
+
+
 def test_full_disk_at_a_video_drops_it_and_training_goes_on(env, tmp_path):
     pytest.importorskip("imageio_ffmpeg")
     run = tmp_path / "run"

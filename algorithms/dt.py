@@ -28,7 +28,7 @@ import time
 import urllib.parse
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 @dataclass
 class TrainConfig:
     """Every field of the CORL baseline (same names and defaults, device 'auto'), then this project's own."""
-
     project: str = "CORL"  # wandb project name
     group: str = "DT-D4RL"  # wandb group name
     name: str = "DT"  # wandb run name (the run folder adds env name, seed and a unique suffix)
@@ -60,8 +59,7 @@ class TrainConfig:
     residual_dropout: float = 0.1  # residual dropout
     embedding_dropout: float = 0.1  # embeddings dropout
     max_action: float = 1.0  # maximum range for the symmetric actions, [-1, 1]
-    # training dataset and eval env: D4RL name (hopper-medium-replay-v2, antmaze-umaze-v2) or Minari id, with a '/' (mujoco/hopper/medium-v0)
-    env_name: str = "halfcheetah-medium-v2"
+    env_name: str = "halfcheetah-medium-v2"  # D4RL name (hopper-medium-v2, antmaze-umaze-v2), or a Minari id with a '/'
     learning_rate: float = 1e-4  # AdamW optimizer learning rate
     betas: Tuple[float, float] = (0.9, 0.999)  # AdamW optimizer betas
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -80,11 +78,9 @@ class TrainConfig:
     eval_seed: int = 42  # evaluation random seed (episode i starts from reset seed eval_seed + i)
     device: str = "auto"  # training device: auto (cuda when available), cpu, cuda, cuda:N
     dataset_source: str = "d4rl"  # env_name's data from: d4rl (files on D4RL's server) or hf (the Hugging Face Hub copy)
-    # data to train on instead of env_name's: a D4RL-layout HDF5 file, or with dataset_source hf a save_to_disk folder
-    dataset_path: Optional[str] = None
+    dataset_path: Optional[str] = None  # train on this D4RL-layout HDF5 file instead (hf: a save_to_disk folder)
     dataset_dir: Optional[str] = None  # folder of D4RL files; when unset: $D4RL_DATASET_DIR, else ~/.d4rl/datasets
-    # gymnasium env id for evaluation; when unset: from env_name (Minari: the dataset's eval env), else the HDF5 file's env_id
-    eval_env: Optional[str] = None
+    eval_env: Optional[str] = None  # gymnasium eval env id; unset: env_name's (Minari: the dataset's), the file's env_id
     ref_min_score: Optional[float] = None  # random policy's return for the normalized score (unset: D4RL's or HDF5's)
     ref_max_score: Optional[float] = None  # expert policy's return for the normalized score (unset: D4RL's or HDF5's)
     runs_dir: str = "runs"  # folder that receives one subfolder per run (config.yaml, metrics.jsonl, wandb files)
@@ -97,21 +93,15 @@ class TrainConfig:
     run_dir: Optional[str] = None  # this run's folder (default: new in runs_dir); one holding a run resumes from it
     eval_checkpoint: Optional[str] = None  # evaluate this .pt file or run folder with the eval_* fields given, then exit
     activation: str = "gelu"  # MLP activation: gelu (exact erf, as CORL) or relu (as the DT authors' code)
-    # corl: N(0, 0.02), q/k/v xavier as CORL's nn.MultiheadAttention keeps it; normal: N(0, 0.02) everywhere; kzl: the
-    # DT authors' (N(0, 0.02) inside their GPT2Model only: embeddings and action head keep torch's defaults)
-    init: str = "corl"
+    init: str = "corl"  # corl: N(0, 0.02), q/k/v xavier as in CORL; normal: N(0, 0.02) everywhere; kzl: DT authors'
     attention_init: Optional[str] = None  # init's old name: xavier (now init corl) or normal; still read, with a warning
-    # after warm-up: constant (CORL) or cosine to 1/10 at update_steps (DT authors' Atari code): a less noisy last model
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # after warm-up: constant (CORL) or cosine to 1/10 (DT authors' Atari code)
     eval_video: int = 0  # episodes of every target recorded to the run's videos/ at each evaluation (0: none)
     val_fraction: float = 0.0  # fraction of trajectories held out (drawn with train_seed) to log val_loss (0: none)
-    # the published recipes' other differences (docs/algorithm.md, "Two recipes"): CORL HEAD, its table-era code, DT authors
     loss_reduction: str = "real_steps"  # masked MSE divided by the real entries, or by all_entries of the batch (CORL)
     padding_mask: str = "real_steps"  # padded steps out of the loss and keys; all_ones: CORL e4f6175's (mask made after padding)
     keep_trailing_piece: bool = True  # a last piece with no terminal/timeout flag: a trajectory, or dropped (CORL, authors)
-    # per_episode: episode i reset with seed eval_seed + i; per_target: CORL's env.seed(eval_seed) once per target, then
-    # consecutive resets; unseeded: the DT authors' (never seeded)
-    eval_reset: str = "per_episode"
+    eval_reset: str = "per_episode"  # seed eval_seed + i; per_target: CORL's (seeded per target); unseeded: DT authors'
     tf32: bool = True  # float32 matmuls on TF32 tensor cores (CUDA): PyTorch 1.7-1.11 did, as both tables ran (docs/gpu.md)
 
 
@@ -150,8 +140,7 @@ def validate_config(config: TrainConfig) -> None:
         if not holds:
             raise UserError(message)
     if c.attention_init is not None:  # a YAML of the field's old name still loads
-        c.init, old = {"xavier": "corl", "normal": "normal"}[c.attention_init], c.attention_init
-        c.attention_init = None
+        c.init, old, c.attention_init = {"xavier": "corl", "normal": "normal"}[c.attention_init], c.attention_init, None
         print(f"warning: attention_init was renamed init: attention_init {old} is read as init {c.init}", file=sys.stderr)
     if c.warmup_steps > c.update_steps:
         print(f"warning: warmup_steps ({c.warmup_steps}) > update_steps ({c.update_steps}): "
@@ -286,9 +275,8 @@ def resolve_dataset(config: TrainConfig) -> DatasetSource:
     if eval_env is None:
         raise UserError(f"no evaluation env for '{path}': set eval_env to a gymnasium env id (e.g. Hopper-v4)")
     d4rl_refs = D4RL_REF_SCORES[env] if is_d4rl and eval_env == D4RL_ENVS[env] else (None, None)
-    ref_min = _first(config.ref_min_score, attrs.get("ref_min_score"), d4rl_refs[0])
-    ref_max = _first(config.ref_max_score, attrs.get("ref_max_score"), d4rl_refs[1])
-    return DatasetSource(path, url, eval_env, *_checked_refs(ref_min, ref_max))
+    refs = [_first(getattr(config, k), attrs.get(k), d) for k, d in zip(("ref_min_score", "ref_max_score"), d4rl_refs)]
+    return DatasetSource(path, url, eval_env, *_checked_refs(*refs))
 
 
 def _checked_refs(ref_min: Optional[float], ref_max: Optional[float]) -> Tuple[Optional[float], Optional[float]]:
@@ -305,11 +293,9 @@ def download(url: str, path: Path, attempts: int = 6, timeout: float = 60.0) -> 
     """Download to <path>.part, renamed into place once whole and a D4RL file. HTTP 5xx, a body cut off and a stall
     over `timeout` s are retried with backoff, resuming by HTTP Range; an unreachable server fails at once."""
     import requests  # wandb's dependency too
-    session = requests.Session()
-    retry = requests.adapters.Retry(total=attempts, connect=0, read=0, backoff_factor=1,
-                                    status_forcelist=(429, 500, 502, 503, 504))
-    session.mount(url.split("://")[0] + "://", requests.adapters.HTTPAdapter(max_retries=retry))
-    part = path.with_name(path.name + ".part")
+    session, part = requests.Session(), path.with_name(path.name + ".part")
+    session.mount(url.split("://")[0] + "://", requests.adapters.HTTPAdapter(max_retries=requests.adapters.Retry(
+        total=attempts, connect=0, read=0, backoff_factor=1, status_forcelist=(429, 500, 502, 503, 504))))
     print(f"downloading {url} to {path}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,8 +304,7 @@ def download(url: str, path: Path, attempts: int = 6, timeout: float = 60.0) -> 
             try:
                 with session.get(url, stream=True, timeout=timeout, headers={"Range": f"bytes={have}-"}) as response:
                     response.raise_for_status()
-                    if response.status_code != 206:  # the server ignored the range: the whole file again
-                        have = 0
+                    have *= response.status_code == 206  # 200: the server ignored the range, the whole file again
                     size = have + int(response.headers.get("Content-Length", 0))
                     with open(part, "ab" if have else "wb") as f, tqdm(total=size, initial=have, unit="B",
                                                                       unit_scale=True, desc=path.name) as bar:
@@ -366,8 +351,7 @@ def checked_transitions(data: Dict[str, np.ndarray], path: Any) -> Dict[str, np.
         if np.asarray(v).dtype.kind not in "biuf":  # bool, integer or float; byte strings, objects are no data
             raise UserError(f"{path}: '{k}' has dtype {np.asarray(v).dtype}, not numbers; store it as float32 "
                             "(flags as bool)")
-    for k in ("observations", "actions", "rewards"):
-        if not np.isfinite(data[k]).all():
+        if k in ("observations", "actions", "rewards") and not np.isfinite(v).all():
             raise UserError(f"{path}: '{k}' contains NaN or inf values")
     return {**{k: data[k].astype(np.float32).reshape(n, -1) for k in ("observations", "actions")},  # [N, dim]
             "rewards": data["rewards"].astype(np.float32).reshape(n),
@@ -559,7 +543,6 @@ def split_trajectories(raw: Dict[str, np.ndarray], fraction: float,
 class WindowSampler:
     """Batches of K-step windows, sampled on the training device. A start drawn uniformly over all N transitions
     is CORL's trajectory drawn in proportion to its length, then a start uniformly inside it."""
-
     def __init__(self, data: OfflineData, seq_len: int, device: torch.device, seed: int):
         lengths = torch.as_tensor(data.traj_lengths)
         traj_of_step = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
@@ -654,8 +637,7 @@ class DecisionTransformer(nn.Module):
                                                      activation) for _ in range(num_layers))
         self.out_norm = nn.LayerNorm(embedding_dim)
         self.action_head = nn.Sequential(nn.Linear(embedding_dim, action_dim), nn.Tanh())
-        # kzl: the DT authors' GPT-2 initialises only its own modules, the blocks and the final LayerNorm; their
-        # embeddings, embedding LayerNorm and action head keep torch's defaults (Embedding N(0, 1), Linear kaiming)
+        # kzl: the DT authors' GPT-2 inits only its blocks and final LayerNorm; the rest keeps torch's defaults
         for part in (self.blocks, self.out_norm) if init == "kzl" else (self,):
             part.apply(self._init_weights)
         if init == "corl":  # CORL's nn.MultiheadAttention in_proj_weight [3E, E], never visited by its init
@@ -776,7 +758,6 @@ def check_video(make_env_fn: Callable[..., gym.Env]) -> None:
 class EpisodeVideo(contextlib.AbstractContextManager):
     """One episode's mp4, frames labelled with target and return so far; renamed into place when complete. One that
     cannot be written (a full disk, a folder gone) is dropped with a warning: a video is not worth a run."""
-
     def __init__(self, path: str, target: float, fps: float):
         import imageio
         import imageio_ffmpeg
@@ -853,7 +834,6 @@ def _env_worker(conn: Any, make_env_fn: Callable[..., gym.Env], num_envs: int, t
 class EvalEnvs:
     """num_envs eval envs, in this process (workers=0) or in worker e % workers (round robin keeps the live
     episodes spread as others finish); the envs numbered in `render` render frames."""
-
     def __init__(self, make_env_fn: Callable[..., gym.Env], num_envs: int, workers: int = 0, render: Any = ()):
         probe = make_env_fn()
         self.state_dim, self.action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
@@ -897,9 +877,14 @@ class EvalEnvs:
 
     def reset(self, episodes: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """seeds [n, 2]: each env's reset seed, then how many resets without a seed follow before its episode."""
-        if self.workers == 0:
-            return np.stack([reset_env(self.envs[e], *seed) for e, seed in zip(episodes, seeds)])
-        return self._ask("reset", episodes, seeds)[0]
+        if self.workers:
+            return self._ask("reset", episodes, seeds)[0]
+        observations = []
+        for e, (seed, resets_after) in zip(episodes, seeds):
+            observations.append(self.envs[e].reset(seed=int(seed))[0])
+            for _ in range(resets_after):  # CORL's episode i of a target: the i-th reset after one env.seed(eval_seed)
+                observations[-1] = self.envs[e].reset()[0]
+        return np.stack(observations)
 
     def step(self, episodes: np.ndarray, actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step each env with its action -> observations [n, S], rewards [n], (terminated, truncated) [n, 2]."""
@@ -933,22 +918,6 @@ class EvalEnvs:
             pipe.close()
 
 
-def reset_env(env: gym.Env, seed: int, resets_after: int) -> np.ndarray:
-    observation = env.reset(seed=int(seed))[0]
-    for _ in range(resets_after):  # CORL's episode i of a target: the i-th reset after one env.seed(eval_seed)
-        observation = env.reset()[0]
-    return observation
-
-
-def reset_seeds(eval_reset: str, eval_seed: int, episodes: int, targets: int) -> np.ndarray:
-    """[episodes * targets, 2] for EvalEnvs.reset: episode i of each target seeded eval_seed + i (per_episode),
-    eval_seed then i more resets (per_target: CORL) or OS entropy at each evaluation (unseeded: the DT authors')."""
-    i = np.tile(np.arange(episodes), targets)
-    seed = {"per_episode": eval_seed + i, "per_target": np.full_like(i, eval_seed),
-            "unseeded": np.random.default_rng().integers(2**31, size=len(i))}
-    return np.stack([seed[eval_reset], i if eval_reset == "per_target" else np.zeros_like(i)], axis=1)
-
-
 EPISODE = [("return", np.float64), ("length", np.int64), ("terminated", bool)]  # what rollout() records of an episode
 
 
@@ -978,7 +947,7 @@ def rollout(model: DecisionTransformer, envs: EvalEnvs, targets: np.ndarray, see
             action = model(states[:, -context:], actions[:, -context:], returns[:, -context:],
                            timesteps[:, -context:], last_only=True)  # prediction at the last state token
             actions[:, -1] = action
-            action = action.cpu().numpy()
+            action = action.cpu().numpy()  # waits for the forward pass: its time is the model's
             stepped = time.perf_counter()
             next_obs, rewards, ended = envs.step(live, action)  # every live env steps
             if timing is not None:
@@ -1007,11 +976,15 @@ def evaluate(model: DecisionTransformer, envs: EvalEnvs, target_returns: Tuple[f
              reward_scale: float, device: torch.device, worker_rollouts: Optional[bool] = None,
              timing: Optional[Dict[str, float]] = None, video_prefix: Optional[str] = None,
              eval_reset: str = "per_episode") -> Dict[float, np.ndarray]:
-    """eval_episodes episodes per target, all together -> {target: episodes (EPISODE)}, reset as reset_seeds says.
+    """eval_episodes episodes per target, all together -> {target: episodes (EPISODE)}, reset as eval_reset says.
     With workers on CPU each runs its episodes' rollout with a model copy; on GPU the model runs here, workers step."""
     num = eval_episodes * len(target_returns)
     targets = np.repeat(np.asarray(target_returns, dtype=np.float64), eval_episodes)  # episode e -> its target
-    seeds = reset_seeds(eval_reset, eval_seed, eval_episodes, len(target_returns))
+    i = np.tile(np.arange(eval_episodes), len(target_returns))  # episode e is episode i of its target
+    # [reset seed, resets after it]: eval_seed + i; CORL's eval_seed then i resets; the DT authors' never-seeded env
+    seed = {"per_episode": eval_seed + i, "per_target": np.full_like(i, eval_seed),
+            "unseeded": np.random.default_rng().integers(2**31, size=num)}[eval_reset]  # OS entropy each time
+    seeds = np.stack([seed, i if eval_reset == "per_target" else np.zeros_like(i)], axis=1)
     videos = np.array([f"{video_prefix}_target{targets[e]}_ep{e % eval_episodes}.mp4"  # env e runs episode e
                        if video_prefix and e in envs.rendered else None for e in range(num)])
     was_training = model.training
@@ -1042,8 +1015,7 @@ def eval_metrics(results: Dict[float, np.ndarray], ref_min: Optional[float], ref
 
 
 def format_eval_table(step: int, metrics: Dict[str, float], target_returns: Tuple[float, ...]) -> str:
-    lines = [f"eval @ step {step}", f"{'target':>10}  {'return mean +- std':>22}  {'normalized mean +- std':>24}"
-             f"  {'length':>7}  {'terminated':>10}"]
+    lines = [f"eval @ step {step}", "    target      return mean +- std    normalized mean +- std   length  terminated"]
     for target in target_returns:
         key = f"eval/{target}_"
         ret = f"{metrics[key + 'return_mean']:.1f} +- {metrics[key + 'return_std']:.1f}"
@@ -1070,24 +1042,16 @@ def make_eval_envs(config: TrainConfig, env_id: Any, sizes: Tuple[int, int], tra
 
 
 # --- Logging: a local run folder (config.yaml, metrics.jsonl) and wandb -----------------------
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
 class RunLogger:
     """Every row to run_dir/metrics.jsonl and wandb (offline without an account)."""
-
     def __init__(self, config: TrainConfig, run_name: str, run_dir: Path, job_type: str = "train"):
         import wandb  # imported here: wandb is slow to import and only training needs it
         self.path, self.wandb = run_dir / "metrics.jsonl", wandb
+        host, has_key = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname, False
+        with contextlib.suppress(FileNotFoundError, netrc.NetrcParseError):  # an API key from `wandb login`
+            has_key = netrc.netrc().authenticators(host) is not None
         # passed to init, not read from the environment: wandb reads it once per process, at its first init
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_key or os.environ.get("WANDB_API_KEY") else "offline")
         if not os.environ.get("WANDB_MODE") and mode == "offline":
             print(f"wandb: no API key and WANDB_MODE unset, logging offline to {run_dir / 'wandb'} "
                   "(upload later with `wandb sync`)")
@@ -1113,17 +1077,8 @@ class RunLogger:
                 f.truncate(end)  # only whole lines stay
                 err.filename = str(self.path)
                 raise
-        media = {}
-        for video in videos:
-            try:  # wandb copies the file into its folder
-                media["video/" + video.stem.split("_", 1)[1]] = self.wandb.Video(str(video), format="mp4")
-            except OSError as err:
-                print(f"warning: video {video} not logged to wandb ({err}); the run goes on", file=sys.stderr)
+        media = {"video/" + p.stem.split("_", 1)[1]: self.wandb.Video(str(p), format="mp4") for p in videos}
         self.run.log({**metrics, **media}, step=step, commit=commit)
-
-    def sync(self) -> None:  # at each evaluation and checkpoint: the rows so far reach the disk
-        if self.path.exists():
-            fsync(self.path)
 
     def finish(self) -> None:
         self.run.finish()
@@ -1194,17 +1149,6 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     return checkpoint
 
 
-def given_fields(args: Optional[List[str]]) -> set:
-    """Names of the fields the user set: `--field value`, `--field=value`, and the keys of --config_path's YAML."""
-    args = sys.argv[1:] if args is None else args
-    names = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
-    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config_path=")]
-    paths += [value for flag, value in zip(args, args[1:]) if flag == "--config_path"]
-    for path in paths:
-        names |= set(yaml.safe_load(Path(path).read_text()) or {})
-    return names
-
-
 def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ...]) -> TrainConfig:
     """The saved config with the user's values of `allowed` fields; other fields the user set are ignored, loudly."""
     try:
@@ -1223,7 +1167,6 @@ def saved_config(cli: TrainConfig, saved: Dict[str, Any], allowed: Tuple[str, ..
 
 class StopSignal:
     """SIGINT/SIGTERM: finish the update, checkpoint, exit; a second signal stops at once."""
-
     def __init__(self):
         self.received: Optional[int] = None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1243,10 +1186,9 @@ class StopSignal:
 def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
     """Eval-only: load a checkpoint, evaluate it with the command line's targets/episodes/seed, log, exit."""
     checkpoint = load_checkpoint(Path(cli.eval_checkpoint).expanduser())
-    trained_on = checkpoint["config"]["env_name"]
-    if "env_name" in cli.given and cli.env_name != trained_on:
-        raise UserError(f"the checkpoint was trained on {trained_on}, not {cli.env_name}; drop --env_name "
-                        "or pick a checkpoint of that dataset")
+    if "env_name" in cli.given and cli.env_name != checkpoint["config"]["env_name"]:
+        raise UserError(f"the checkpoint was trained on {checkpoint['config']['env_name']}, not {cli.env_name}; drop "
+                        "--env_name or pick a checkpoint of that dataset")
     config = saved_config(cli, checkpoint["config"], allowed=(
         "target_returns", "eval_episodes", "eval_seed", "eval_reset", "eval_workers", "device", "eval_env", "ref_min_score",
         "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint", "eval_video"))
@@ -1355,10 +1297,7 @@ def validation_loss(model: nn.Module, windows: Tuple[torch.Tensor, ...], chunk: 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                    clip_grad: Optional[float]) -> Tuple[float, torch.Tensor]:
     """Clip, step, advance the schedule -> the learning rate this update used, the gradient norm before clipping."""
-    if clip_grad is not None:
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    else:
-        grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip_grad is None else clip_grad)  # inf: no clip
     learning_rate = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
@@ -1369,96 +1308,59 @@ def checkpoint_dir(config: TrainConfig, run_dir: Path) -> Path:
     return Path(config.checkpoints_path).expanduser() / run_dir.name if config.checkpoints_path else run_dir
 
 
-def resume_point(config: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, Any]]]:
-    """For a run_dir that already holds a run: its saved config and latest checkpoint (None if none yet)."""
-    if config.run_dir is None or not (Path(config.run_dir) / "config.yaml").exists():
-        return config, None
-    run_dir = Path(config.run_dir)
-    try:
-        with open(run_dir / "config.yaml") as f:
-            saved = asdict(pyrallis.load(TrainConfig, f))
-    except Exception as err:
-        raise UserError(f"cannot read {run_dir / 'config.yaml'} ({type(err).__name__}); "
-                        "restore it, or give a new run_dir") from None
-    config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers"))
-    checkpoint = load_latest(checkpoint_dir(config, run_dir))
-    if missing := [k for k in RESUME_KEYS if checkpoint is not None and k not in checkpoint]:
-        raise UserError(f"{checkpoint_dir(config, run_dir)}'s checkpoint cannot resume a run (it lacks {missing}); "
-                        "start a new run_dir")
-    return config, checkpoint
-
-
-def load_latest(folder: Path) -> Optional[Dict[str, Any]]:
-    """latest.pt, else (damaged or missing) latest.prev.pt with a warning; None if the run wrote none yet."""
-    latest, previous = folder / "latest.pt", folder / "latest.prev.pt"
-    if not previous.exists():
-        return load_checkpoint(latest) if latest.exists() else None
-    try:
-        return load_checkpoint(latest)
-    except UserError as err:  # damaged, or missing between the two renames of a checkpoint write
-        print(f"warning: {err}; resuming from {previous}, one checkpoint interval earlier", file=sys.stderr)
-        return load_checkpoint(previous)
-
-
-def training_data(config: TrainConfig, resume: Optional[Dict[str, Any]]
-                  ) -> Tuple[DatasetSource, OfflineData, Optional[OfflineData]]:
-    """The dataset's source, its training trajectories and its held-out ones (None when val_fraction is 0)."""
-    source, raw = load_dataset(config, resolve_dataset(config))
-    raw, val_raw = split_trajectories(raw, config.val_fraction, config.train_seed)
-    data = prepare_data(raw, config.reward_scale, keep_trailing_piece=config.keep_trailing_piece)
-    val = None if val_raw is None else prepare_data(val_raw, config.reward_scale, (data.state_mean, data.state_std),
-                                                    config.keep_trailing_piece)
-    longest = max(data.traj_lengths.max(), 0 if val is None else val.traj_lengths.max())
-    if longest > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
-        raise UserError(f"the dataset has a trajectory of {longest} steps, longer than "
-                        f"episode_len={config.episode_len}; raise episode_len")
-    if resume is not None and (resume["dataset_transitions"] != len(data.states)
-                               or not np.array_equal(resume["state_mean"], data.state_mean)):
-        raise UserError(f"the dataset {source.path} is not the one {config.run_dir} was trained on "
-                        f"({resume['dataset_transitions']} transitions then, {len(data.states)} now); "
-                        "restore that file or start a new run")
-    return source, data, val
-
-
-def open_run_dir(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Tuple[Path, Path]:
-    """The run folder and the checkpoint folder, created; a new run writes its config.yaml there."""
-    env_label = config.env_name.replace("/", "-")  # Minari ids have '/'
-    run_dir = Path(config.run_dir or Path(config.runs_dir) /
-                   f"{config.name}-{env_label}-seed{config.train_seed}-{os.urandom(4).hex()}")
-    config.run_dir = str(run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
-    ckpt_dir = checkpoint_dir(config, run_dir)
-    create_dirs(run_dir, ckpt_dir, *([run_dir / "videos"] if config.eval_video else []))
-    for stale in {*ckpt_dir.glob("*.tmp-*"), *run_dir.glob("*.tmp-*")}:  # a write cut off by kill -9
-        stale.unlink()
-    if resume is None:
-        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(pyrallis.dump(config)))
-    last_step = resume["step"] if resume else 0  # metrics.jsonl's rows after the checkpoint this run restarts from go
-    if (metrics := run_dir / "metrics.jsonl").exists():
-        keep = [json.dumps(row) + "\n" for row in read_metrics(metrics) if row["step"] <= last_step]
-        atomic_write(metrics, lambda tmp: tmp.write_text("".join(keep)))
-    return run_dir, ckpt_dir
-
-
-@dataclass
 class Run:
-    """A training run: what stays fixed, then what a checkpoint saves and resume restores."""
-    config: TrainConfig
-    source: DatasetSource
-    data: OfflineData
-    val: Optional[Tuple[torch.Tensor, ...]]  # the held-out windows of val_loss
-    envs: EvalEnvs
-    logger: RunLogger
-    run_dir: Path
-    ckpt_dir: Path
-    model: DecisionTransformer
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    sampler: WindowSampler
-    loss_sum: torch.Tensor  # training loss summed over the logging interval, on the device: no sync per step
-    loss_count: int = 0
-    step: int = 0
-    best_score: float = -math.inf
-    metrics: Dict[str, float] = field(default_factory=dict)  # the last logged values
+    """A training run: its data, eval envs, folders and model, and what a checkpoint saves and resume restores."""
+    def __init__(self, config: TrainConfig, resume: Optional[Dict[str, Any]]):
+        self.config, device = config, resolve_device(config.device)
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32  # float32 matmuls on TF32 tensor cores (CUDA only)
+        self.source, raw = load_dataset(config, resolve_dataset(config))
+        raw, val_raw = split_trajectories(raw, config.val_fraction, config.train_seed)  # val: None if val_fraction 0
+        data = self.data = prepare_data(raw, config.reward_scale, keep_trailing_piece=config.keep_trailing_piece)
+        val = None if val_raw is None else prepare_data(val_raw, config.reward_scale, (data.state_mean, data.state_std),
+                                                        config.keep_trailing_piece)
+        longest = max(data.traj_lengths.max(), 0 if val is None else val.traj_lengths.max())
+        if longest > config.episode_len:  # timesteps index a table of episode_len + seq_len rows
+            raise UserError(f"the dataset has a trajectory of {longest} steps, longer than "
+                            f"episode_len={config.episode_len}; raise episode_len")
+        if resume is not None and (resume["dataset_transitions"] != len(data.states)
+                                   or not np.array_equal(resume["state_mean"], data.state_mean)):
+            raise UserError(f"the dataset {self.source.path} is not the one {config.run_dir} was trained on "
+                            f"({resume['dataset_transitions']} transitions then, {len(data.states)} now); "
+                            "restore that file or start a new run")
+        sizes = (data.states.shape[1], data.actions.shape[1])
+        self.envs = make_eval_envs(config, self.source.env_spec or self.source.eval_env, sizes, "dataset")
+        env_label = config.env_name.replace("/", "-")  # Minari ids have '/'
+        self.run_dir = Path(config.run_dir or Path(config.runs_dir) /
+                            f"{config.name}-{env_label}-seed{config.train_seed}-{os.urandom(4).hex()}")
+        config.run_dir = str(self.run_dir)  # saved in config.yaml: `--run_dir <this folder>` resumes the run
+        self.ckpt_dir = checkpoint_dir(config, self.run_dir)
+        try:
+            create_dirs(self.run_dir, self.ckpt_dir, *([self.run_dir / "videos"] if config.eval_video else []))
+        except UserError:
+            self.envs.close()
+            raise
+        for stale in {*self.ckpt_dir.glob("*.tmp-*"), *self.run_dir.glob("*.tmp-*")}:  # a write cut off by kill -9
+            stale.unlink()
+        if resume is None:
+            atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(pyrallis.dump(config)))
+        last_step = resume["step"] if resume else 0  # metrics.jsonl's rows after the checkpoint resumed from go
+        if (metrics := self.run_dir / "metrics.jsonl").exists():
+            keep = [json.dumps(row) + "\n" for row in read_metrics(metrics) if row["step"] <= last_step]
+            atomic_write(metrics, lambda tmp: tmp.write_text("".join(keep)))
+        held_out = f"; {len(val.traj_lengths)} trajectories ({len(val.states)} transitions) held out" if val else ""
+        print(f"dataset {self.source.path or f'{HF_D4RL_REPO} {config.env_name}'}: {len(data.states)} transitions, "
+              f"{len(data.traj_lengths)} trajectories, mean return {data.traj_returns.mean():.1f}{held_out}; "
+              f"eval env {self.source.eval_env}; device {device}; run {self.run_dir}")
+        self.logger = RunLogger(config, self.run_dir.name, self.run_dir)
+        set_seed(config.train_seed, config.deterministic_torch)
+        self.sampler = WindowSampler(data, config.seq_len, device, seed=config.train_seed)
+        self.model, self.optimizer, self.scheduler = build_training(config, *sizes, device)
+        self.val = None if val is None else validation_windows(val, config.seq_len, device)  # the val_loss windows
+        self.loss_sum = torch.zeros((), device=device)  # the logging interval's loss, on the device: no sync per step
+        self.loss_count, self.step, self.best_score, self.metrics = 0, 0, -math.inf, {}  # metrics: the last logged
+        if resume is not None:
+            self.restore(resume)
+            print(f"resuming from step {self.step} ({self.ckpt_dir / 'latest.pt'})")
 
     def restore(self, checkpoint: Dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model_state"])
@@ -1493,7 +1395,8 @@ class Run:
             "loss_sum": self.loss_sum.detach().cpu(), "loss_count": self.loss_count}
         serialised = io.BytesIO()
         torch.save(checkpoint, serialised)  # in memory: a full disk then fails the file's write, an OSError
-        self.logger.sync()  # metrics.jsonl's rows up to this checkpoint are on the disk before it
+        if self.logger.path.exists():  # metrics.jsonl's rows up to this checkpoint reach the disk before it
+            fsync(self.logger.path)
         for name in names:  # latest.pt's previous version is kept as latest.prev.pt
             atomic_write(self.ckpt_dir / name, lambda tmp: tmp.write_bytes(serialised.getbuffer()), name == "latest.pt")
 
@@ -1530,46 +1433,36 @@ class Run:
         tqdm.write(format_eval_table(step, scores, config.target_returns))
         top_target = max(config.target_returns)  # "best" is judged at the highest target, as the tables report
         score = scores.get(f"eval/{top_target}_normalized_score_mean", scores[f"eval/{top_target}_return_mean"])
-        improved = score > self.best_score
-        self.best_score = max(self.best_score, score)
+        improved, self.best_score = score > self.best_score, max(self.best_score, score)
         self.save(*(("best.pt", "latest.pt") if improved else ("latest.pt",)))
 
 
-def start_run(config: TrainConfig, resume: Optional[Dict[str, Any]]) -> Run:
-    device = resolve_device(config.device)
-    torch.backends.cuda.matmul.allow_tf32 = config.tf32  # float32 matmuls on TF32 tensor cores (CUDA only)
-    source, data, val = training_data(config, resume)
-    envs = make_eval_envs(config, source.env_spec or source.eval_env, (data.states.shape[1], data.actions.shape[1]),
-                          "dataset")
-    try:
-        run_dir, ckpt_dir = open_run_dir(config, resume)
-    except UserError:
-        envs.close()
-        raise
-    held_out = f"; {len(val.traj_lengths)} trajectories ({len(val.states)} transitions) held out" if val else ""
-    print(f"dataset {source.path or f'{HF_D4RL_REPO} {config.env_name}'}: {len(data.states)} transitions, "
-          f"{len(data.traj_lengths)} trajectories, mean return {data.traj_returns.mean():.1f}{held_out}; "
-          f"eval env {source.eval_env}; device {device}; run {run_dir}")
-    logger = RunLogger(config, run_dir.name, run_dir)
-    set_seed(config.train_seed, config.deterministic_torch)
-    sampler = WindowSampler(data, config.seq_len, device, seed=config.train_seed)
-    model, optimizer, scheduler = build_training(config, data.states.shape[1], data.actions.shape[1], device)
-    run = Run(config, source, data, None if val is None else validation_windows(val, config.seq_len, device), envs,
-              logger, run_dir, ckpt_dir, model, optimizer, scheduler, sampler, torch.zeros((), device=device))
-    if resume is not None:
-        run.restore(resume)
-        print(f"resuming from step {run.step} ({ckpt_dir / 'latest.pt'})")
-    return run
-
-
 def train(config: TrainConfig) -> Dict[str, float]:
-    """Train, evaluate and checkpoint every eval_every steps -> the last metrics; a run_dir holding a run resumes it."""
-    config, resume = resume_point(config)
+    """Train, evaluate and checkpoint every eval_every steps -> the last metrics. A run_dir holding a run (its
+    config.yaml) resumes from its latest.pt, or from latest.prev.pt, with a warning, when that is damaged or missing."""
+    resume, run_dir = None, Path(config.run_dir or ".")
+    if config.run_dir is not None and (run_dir / "config.yaml").exists():
+        try:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # decoded by saved_config
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"cannot read {run_dir / 'config.yaml'} ({type(err).__name__}); "
+                            "restore it, or give a new run_dir") from None
+        config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers"))
+        latest, previous = (checkpoint_dir(config, run_dir) / name for name in ("latest.pt", "latest.prev.pt"))
+        try:
+            resume = load_checkpoint(latest) if latest.exists() or previous.exists() else None  # None: none yet
+        except UserError as err:  # damaged, or missing between the two renames of a write: one interval back
+            if not previous.exists():
+                raise
+            print(f"warning: {err}; resuming from {previous}, one checkpoint interval earlier", file=sys.stderr)
+            resume = load_checkpoint(previous)
+        if missing := [k for k in RESUME_KEYS if resume is not None and k not in resume]:
+            raise UserError(f"{latest.parent}'s checkpoint cannot resume a run (it lacks {missing}); start a new run_dir")
     if resume is not None and resume["step"] >= config.update_steps:
         print(f"{config.run_dir} has finished all {config.update_steps} steps; nothing to do")
         return resume["metrics"]
     validate_config(config)
-    run = start_run(config, resume)
+    run = Run(config, resume)
     device = run.loss_sum.device
     train_model = torch.compile(run.model) if config.compile else run.model  # evaluation runs the eager model
     bf16 = config.bf16 and device.type == "cuda"
@@ -1616,10 +1509,15 @@ def train(config: TrainConfig) -> Dict[str, float]:
 
 # --- Main -------------------------------------------------------------------------------------
 def parse_config(args: Optional[List[str]] = None) -> TrainConfig:
-    """The config from --config_path YAML and command-line fields, with one-line errors."""
+    """The config from --config_path YAML and command-line fields, with one-line errors. config.given (not a field):
+    the fields the user set (`--field value`, `--field=value`, --config_path's keys), for resume and eval-only."""
+    args = sys.argv[1:] if args is None else args
     try:
         config = pyrallis.parse(config_class=TrainConfig, args=args)
-        config.given = given_fields(args)  # not a field: which fields the user set, for resume and eval-only
+        paths = [a.split("=", 1)[1] for a in args if a.startswith("--config_path=")]
+        paths += [value for flag, value in zip(args, args[1:]) if flag == "--config_path"]
+        config.given = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}.union(
+            *(yaml.safe_load(Path(path).read_text()) or {} for path in paths))
         return config
     except FileNotFoundError as err:
         raise UserError(f"config file {err.filename} does not exist") from None
@@ -1630,7 +1528,8 @@ def parse_config(args: Optional[List[str]] = None) -> TrainConfig:
 
 
 STORAGE_ERRORS = {errno.ENOSPC: "the disk or quota holding {} is full", errno.EDQUOT: "the disk or quota holding {} is "
-                  "full", errno.EROFS: "{} became read-only", errno.ENOENT: "{} was deleted or moved away"}
+                  "full", errno.EROFS: "{} became read-only", errno.ENOENT: "{} was deleted or moved away",
+                  errno.EACCES: "{} is not writable any more"}
 
 
 def main(args: Optional[List[str]] = None) -> None:
@@ -1648,13 +1547,12 @@ def main(args: Optional[List[str]] = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # storage failing mid-run (start-up problems are UserErrors already)
-        if err.errno not in (*STORAGE_ERRORS, errno.EACCES):
+        if err.errno not in STORAGE_ERRORS:
             raise
         run_dir = config.run_dir  # parse_config raises UserErrors only: config is set
-        folder = Path(err.filename).parent if err.filename else run_dir
         resume = f"resume with: python algorithms/dt.py --run_dir {run_dir}" if run_dir else "run the command again"
-        print(f"error: {STORAGE_ERRORS.get(err.errno, 'cannot write to {}').format(folder)} ({err.strerror}: "
-              f"{err.filename}); free space or make it writable again, then {resume}", file=sys.stderr)
+        print(f"error: {STORAGE_ERRORS[err.errno].format(Path(err.filename).parent if err.filename else run_dir)} "
+              f"({err.strerror}: {err.filename}); free space or make it writable again, then {resume}", file=sys.stderr)
         sys.exit(2)
 
 

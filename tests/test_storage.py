@@ -172,9 +172,9 @@ def test_full_disk_at_a_metrics_row_keeps_whole_lines(env, tmp_path, uninterrupt
 def test_disk_filled_by_wandb_offline_files_ends_with_one_line(env, tmp_path):
     """wandb writes from its own process and drops what does not fit; the run's own next write stops it."""
     run = tmp_path / "run"
-    with tmpfs(run, "96k"):
-        result = dt_run([*TINY, "--run_dir", str(run), "--checkpoints_path", str(tmp_path / "ckpts")],
-                        {**env, "WANDB_MODE": "offline"})
+    with tmpfs(run, "40k"):  # measured: wandb starts, then its files and metrics.jsonl fill it
+        result = dt_run([*TINY, "--run_dir", str(run), "--checkpoints_path", str(tmp_path / "ckpts"), "--log_every", "1"],
+                        {**env, "WANDB_MODE": "offline"})  # a row per update: wandb's files and metrics.jsonl grow
         assert result.returncode == 2
         assert f"the disk or quota holding {run} is full" in error_line(result.stderr)
         assert not leftovers(run)

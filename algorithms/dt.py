@@ -626,8 +626,7 @@ class DecisionTransformer(nn.Module):
         super().__init__()
         self.state_dim, self.action_dim = state_dim, action_dim
         self.seq_len, self.episode_len, self.max_action = seq_len, episode_len, max_action
-        # padded training steps keep counting past the episode end, hence episode_len + seq_len rows
-        self.timestep_emb = nn.Embedding(episode_len + seq_len, embedding_dim)
+        self.timestep_emb = nn.Embedding(episode_len + seq_len, embedding_dim)  # padded steps count on past the end
         self.return_emb = nn.Linear(1, embedding_dim)
         self.state_emb = nn.Linear(state_dim, embedding_dim)
         self.action_emb = nn.Linear(action_dim, embedding_dim)
@@ -659,12 +658,10 @@ class DecisionTransformer(nn.Module):
         batch, steps = states.shape[:2]
         time_emb = self.timestep_emb(timesteps)  # shared timestep embedding for R, s, a of one step
         embeddings = (self.return_emb(returns_to_go.unsqueeze(-1)), self.state_emb(states), self.action_emb(actions))
-        # [B, T, 3, E] -> [B, 3T, E]: R_0, s_0, a_0, R_1, ...
-        tokens = torch.stack([e + time_emb for e in embeddings], dim=2).reshape(batch, 3 * steps, -1)
+        tokens = torch.stack([e + time_emb for e in embeddings], 2).flatten(1, 2)  # [B, 3T, E]: R_0, s_0, a_0, R_1, ...
         length = 3 * steps - 1  # a_T only influences later tokens, and there are none
         x = self.emb_drop(self.emb_norm(tokens[:, :length]))
-        # the last block's outputs: every state token s_t (predicts a_t), or only the last one
-        queries = slice(length - 1, None) if last_only else slice(1, None, 3)
+        queries = slice(length - 1, None) if last_only else slice(1, None, 3)  # last block: each s_t (predicts a_t)
         attn_mask = last_mask = None  # None: causal (is_causal), or a last query that sees every key
         if padding_mask is not None:
             key_mask = padding_mask.repeat_interleave(3, dim=1)[:, :length]  # [B, 3T-1], same order as tokens
@@ -740,8 +737,7 @@ def check_video(make_env_fn: Callable[..., gym.Env]) -> None:
             raise UserError(f"eval_video needs the {package.split('==')[0]} package: pip install {package}")
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo renders headless (inherited by the env workers)
-    # Mesa's software GL draws in the calling thread: its helper threads made a 2-thread forward pass 7x slower
-    os.environ.setdefault("LP_NUM_THREADS", "0")
+    os.environ.setdefault("LP_NUM_THREADS", "0")  # Mesa's GL helper threads made a 2-thread forward pass 7x slower
     try:
         env = make_render_env(make_env_fn)
         env.reset(seed=0)
@@ -1089,6 +1085,9 @@ def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:  # some FUSE and network file systems cannot fsync a folder: nothing more to do there
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
@@ -1191,7 +1190,7 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
                         "--env_name or pick a checkpoint of that dataset")
     config = saved_config(cli, checkpoint["config"], allowed=(
         "target_returns", "eval_episodes", "eval_seed", "eval_reset", "eval_workers", "device", "eval_env", "ref_min_score",
-        "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint", "eval_video"))
+        "ref_max_score", "runs_dir", "project", "group", "name", "eval_checkpoint", "eval_video", "tf32"))
     validate_config(config)
     device = resolve_device(config.device)
     torch.backends.cuda.matmul.allow_tf32 = config.tf32  # as in training: the same numbers as its evaluations
@@ -1199,7 +1198,6 @@ def evaluate_checkpoint(cli: TrainConfig) -> Dict[str, float]:
     refs = [_first(getattr(config, key), checkpoint.get(key)) for key in ("ref_min_score", "ref_max_score")]
     run_dir = Path(config.runs_dir) / f"{config.name}-eval-{config.env_name.replace('/', '-')}-{os.urandom(4).hex()}"
     envs = make_eval_envs(config, eval_env, (checkpoint["state_dim"], checkpoint["action_dim"]), "the checkpoint")
-    # videos go to a temporary folder, moved into the run folder after the evaluation
     with contextlib.closing(envs), tempfile.TemporaryDirectory(prefix="dt-videos-") as videos:
         model = build_model(config, checkpoint["state_dim"], checkpoint["action_dim"]).to(device)
         model.load_state_dict(checkpoint["model_state"])
@@ -1360,7 +1358,7 @@ class Run:
         self.loss_count, self.step, self.best_score, self.metrics = 0, 0, -math.inf, {}  # metrics: the last logged
         if resume is not None:
             self.restore(resume)
-            print(f"resuming from step {self.step} ({self.ckpt_dir / 'latest.pt'})")
+            print(f"resuming from step {self.step} (checkpoints in {self.ckpt_dir})")
 
     def restore(self, checkpoint: Dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model_state"])
@@ -1447,7 +1445,7 @@ def train(config: TrainConfig) -> Dict[str, float]:
         except (OSError, yaml.YAMLError) as err:
             raise UserError(f"cannot read {run_dir / 'config.yaml'} ({type(err).__name__}); "
                             "restore it, or give a new run_dir") from None
-        config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers"))
+        config = saved_config(config, saved, allowed=("run_dir", "device", "eval_workers", "tf32"))
         latest, previous = (checkpoint_dir(config, run_dir) / name for name in ("latest.pt", "latest.prev.pt"))
         try:
             resume = load_checkpoint(latest) if latest.exists() or previous.exists() else None  # None: none yet
@@ -1455,6 +1453,8 @@ def train(config: TrainConfig) -> Dict[str, float]:
             if not previous.exists():
                 raise
             print(f"warning: {err}; resuming from {previous}, one checkpoint interval earlier", file=sys.stderr)
+            if latest.exists():  # set aside: the next checkpoint must not rotate it into latest.prev.pt
+                latest.replace(latest.with_name("latest.damaged.pt"))
             resume = load_checkpoint(previous)
         if missing := [k for k in RESUME_KEYS if resume is not None and k not in resume]:
             raise UserError(f"{latest.parent}'s checkpoint cannot resume a run (it lacks {missing}); start a new run_dir")

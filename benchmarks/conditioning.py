@@ -66,7 +66,8 @@ def conditioning(checkpoint_path: Path, targets: Optional[List[float]], count: i
 
     rows = []
     for target in targets.tolist():
-        returns, scores = results[target], norm(results[target])
+        returns = results[target]["return"]  # evaluate() records each episode's return, length and ending
+        scores = norm(returns)
         rows.append({"target": target, "target_normalized": norm(target), "return_mean": float(returns.mean()),
                      "return_std": float(returns.std()), "episodes": len(returns),
                      "normalized_mean": None if scores is None else float(scores.mean()),

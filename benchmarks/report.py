@@ -102,7 +102,7 @@ MINARI_PORT_FAMILIES = ("antmaze", "maze2d", "adroit")
 NOT_COMPARABLE = "D4RL data, not comparable"
 D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-[a-z-]+-v2$")
 # statistics: rliable's percentile bootstrap, stratified over datasets; the seed makes two reports identical.
-# 2000 reps (rliable's default for profiles) keep a 36-run report at a few seconds; see docs/reproducing.md
+# 1000 reps keep a 36-run report at a few seconds (benchmarks/report_speed.py; docs/reproducing.md)
 BOOTSTRAP_REPS = 1000
 BOOTSTRAP_SEED = 0
 CI_NEEDS = "CI needs >= 2 runs"
@@ -151,13 +151,16 @@ def experiment_fields(config: TrainConfig) -> Dict[str, Any]:
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()
               if k not in NOT_THE_EXPERIMENT}
     fields["target_returns"] = sorted(fields["target_returns"])  # each target's episodes do not depend on the order
+    if fields.get("attention_init"):  # a run of older dt.py: its init under the field's new name, as dt.py reads it
+        fields["init"] = {"xavier": "corl", "normal": "normal"}.get(fields["attention_init"], fields["attention_init"])
+    fields.pop("attention_init", None)
     if fields.get("dataset_path"):  # the file, not where a machine keeps it
         fields["dataset_path"] = Path(fields["dataset_path"]).name
     return fields
 
 
 def recipe(fields: Dict[str, Any]) -> str:
-    """The run's init recipe: kzl (the DT authors'), normal or corl; older runs (attention_init, no init) are corl."""
+    """The run's init recipe: kzl (the DT authors'), normal or corl (older runs' attention_init read as dt.py reads it)."""
     return fields.get("init") or "corl"
 
 

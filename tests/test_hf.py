@@ -117,10 +117,10 @@ def window(batch: int, steps: int, state_dim: int = 5, action_dim: int = 3, epis
 SMALL = dict(embedding_dim=32, num_layers=2, num_heads=2, seq_len=6, episode_len=50)
 
 
-@pytest.mark.parametrize("activation, attention_init", [("gelu", "xavier"), ("relu", "normal")])
+@pytest.mark.parametrize("activation, init", [("gelu", "corl"), ("relu", "kzl")])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_exported_model_predicts_our_actions_with_and_without_padding(tmp_path, activation, attention_init, attention):
-    config = dt.TrainConfig(**SMALL, activation=activation, attention_init=attention_init)
+def test_exported_model_predicts_our_actions_with_and_without_padding(tmp_path, activation, init, attention):
+    config = dt.TrainConfig(**SMALL, activation=activation, init=init)
     model = perturbed_model(config)
     export_hf.to_transformers(model, config).save_pretrained(tmp_path)
     theirs = transformers.DecisionTransformerModel.from_pretrained(tmp_path, attn_implementation=attention).eval()

@@ -432,3 +432,14 @@ def test_curves_draw_the_reference_of_each_recipe_and_none_for_a_port(tmp_path, 
     assert sorted(by_plot["hopper-medium-v2"]) == ["CORL last 65.1", "DT paper 67.6 (reference of init kzl)"]
     assert by_plot["walker2d-medium-v2"] == ["CORL last 67.63"]
     assert "antmaze-umaze-v2" not in by_plot  # a Minari port: no published line
+
+
+def test_old_attention_init_runs_read_as_init(tmp_path):
+    """A run folder of older dt.py (attention_init, no init) is a seed of the same experiment as today's run of its
+    init: xavier is corl, normal is normal."""
+    runs = tmp_path / "runs"
+    write_run(runs / "old", seed=0, scores=curve(60.0, 62.0, 64.0), extra_config="attention_init: xavier\n")
+    write_run(runs / "new", seed=1, scores=curve(61.0, 63.0, 65.0), extra_config="init: corl\n")
+    write_run(runs / "normal", seed=2, scores=curve(61.0, 63.0, 65.0), extra_config="attention_init: normal\n")
+    _, rows = run_report(tmp_path, runs)
+    assert sorted((row["init"], row["seeds"]) for row in rows.values()) == [("corl", 2), ("normal", 1)]

@@ -255,6 +255,8 @@ def test_damaged_latest_is_detected_and_resume_falls_back_to_the_previous(env, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"warning: cannot read checkpoint {run / 'latest.pt'}" in resumed.stderr
     assert "resuming from step 200" in resumed.stdout
+    assert (run / "latest.damaged.pt").exists()  # set aside: the next checkpoint kept the good one as latest.prev.pt
+    assert dt.load_checkpoint(run / "latest.prev.pt")["step"] == 200
     assert_same_weights(run / "latest.pt", uninterrupted / "latest.pt")
     assert (run / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
 
